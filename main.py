@@ -1,0 +1,101 @@
+"""earsleep's command line: ``python main.py fit|validate|test|predict --config config/<x>.yaml``.
+
+Everything a user changes lives in YAML (``class_path``/``init_args``); the
+defaults every experiment shares are in ``config/defaults.yaml``, read first.
+``python main.py fit --help`` and ``python main.py fit --model.help Classifier``
+document every option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from data.datamodule import SleepSoundDataModule
+from models.classifier import Classifier
+from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, RunArtifacts
+
+DEFAULTS = Path(__file__).resolve().parent / "config" / "defaults.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: Attributes the data module knows from its config that the model must agree with.
+LINKED = ("num_classes", "in_channels", "class_names", "input_shape")
+
+
+class EarSleepCLI(LightningCLI):
+    """LightningCLI with the project's callbacks always present and data→model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ConfusionMatrixLogger, "confusion")
+        parser.add_lightning_class_args(LatencyProfiler, "latency")
+        parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/f1_macro",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 5,
+                "checkpoint.monitor": "val/f1_macro",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch{epoch:02d}-f1{val/f1_macro:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+            }
+        )
+        for key in LINKED:
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        """Parse, then refuse a ``--ckpt_path`` made for another backbone or class list.
+
+        Lightning rebuilds the model from the checkpoint's own hyperparameters, which
+        would silently replace the backbone the config names; say so instead.
+        """
+        super().parse_arguments(parser, args)
+        cmd = self.config.get("subcommand")
+        ckpt_path = cmd and self.config[cmd].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        theirs = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
+            "hyper_parameters", {}
+        )
+        model = self.config[cmd].model
+        ours_backbone = _class_name(model.init_args.get("backbone"))
+        their_backbone = _class_name(theirs.get("backbone"))
+        ours_classes = list(self.config[cmd].data.classes)
+        their_classes = list(theirs.get("class_names") or [])
+        if (ours_backbone, ours_classes) != (their_backbone, their_classes or ours_classes):
+            parser.error(
+                f"{ckpt_path} holds a {their_backbone} for classes {their_classes}, but the config "
+                f"asks for a {ours_backbone} for classes {ours_classes}; pass the config the "
+                "checkpoint was trained with (config.yaml in its run folder)"
+            )
+
+
+def _class_name(spec: object) -> str | None:
+    """Class name of a ``class_path`` spec (Namespace or dict) or of a class."""
+    path = getattr(spec, "class_path", None) or (spec.get("class_path") if isinstance(spec, dict) else None)
+    if path:
+        return str(path).rsplit(".", 1)[-1]
+    return getattr(spec, "__name__", None)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
+    """Build and run the CLI; tests call ``main(["fit", "--config", ...])`` in-process."""
+    defaults = {"default_config_files": [str(DEFAULTS)]}
+    return EarSleepCLI(
+        Classifier,
+        SleepSoundDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={cmd: defaults for cmd in SUBCOMMANDS},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The plain sleep-sound classifier: a backbone, a loss, augmentation and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchaudio.transforms as AT
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from models.backbones import Backbone, TinyCNN
+
+STAGES = ("train", "val", "test")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint was made for another backbone or class count than the configured model."""
+
+
+def _split_metrics(num_classes: int) -> MetricCollection:
+    k = {"num_classes": num_classes}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(average="micro", **k),
+            "f1_macro": MulticlassF1Score(average="macro", **k),
+            "bal_acc": MulticlassAccuracy(average="macro", **k),  # mean per-class recall
+            "precision": MulticlassPrecision(average=None, **k),
+            "recall": MulticlassRecall(average=None, **k),
+            "f1": MulticlassF1Score(average=None, **k),
+            "confusion": MulticlassConfusionMatrix(**k),
+        }
+    )
+
+
+class Classifier(LightningModule):
+    """Classify log-mel clips with a backbone; the plain (no teacher) training recipe.
+
+    ``num_classes``, ``in_channels``, ``class_names`` and ``input_shape`` come from
+    the data module (the CLI links them), so YAML only names the backbone and the
+    recipe. The optimizer and scheduler are the CLI's top-level ``optimizer:`` and
+    ``lr_scheduler:``.
+
+    Args:
+        backbone: the network, as ``class_path``/``init_args`` without ``in_channels``
+            and ``num_classes`` (e.g. ``models.backbones.TinyCNN``).
+        num_classes: number of classes (linked from ``data.num_classes``).
+        in_channels: input channels of the log-mel maps (linked from the data).
+        class_names: class names in label order (linked from the data).
+        input_shape: ``(C, F, T)`` of one input (linked from the data); used for
+            profiling and export.
+        class_weights: cross-entropy class weights; ``None`` takes the data module's
+            inverse-frequency weights from the train counts.
+        use_class_weights: weigh the loss by class at all.
+        normalize: standardise each mel band with the train split's mean and std
+            (stored in the checkpoint, so prediction matches training). Turn off for the
+            ``reference`` preset, whose dB input is used as published.
+        freq_mask: SpecAugment frequency-mask width (bins, train only; 0 disables).
+        time_mask: SpecAugment time-mask width (frames, train only; 0 disables).
+        num_masks: how many masks of each kind per clip.
+        mixup_alpha: Beta(α, α) mixup of train batches (0 disables).
+    """
+
+    def __init__(
+        self,
+        backbone: Callable[[int, int], Backbone] = TinyCNN,
+        num_classes: int = 3,
+        in_channels: int = 2,
+        class_names: Sequence[str] | None = None,
+        input_shape: Sequence[int] = (2, 64, 101),
+        class_weights: Sequence[float] | None = None,
+        use_class_weights: bool = True,
+        normalize: bool = True,
+        freq_mask: int = 8,
+        time_mask: int = 10,
+        num_masks: int = 1,
+        mixup_alpha: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = backbone(in_channels, num_classes)
+        if not isinstance(self.backbone, Backbone):
+            raise TypeError(f"backbone must build a models.backbones.Backbone, got {type(self.backbone)}")
+        self.num_classes = num_classes
+        self.class_names = list(class_names or [f"class{i}" for i in range(num_classes)])
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.input_shape = tuple(input_shape)
+        self.example_input_array = torch.zeros(1, *self.input_shape)
+        self.normalize = normalize
+        channels, bands = self.input_shape[0], self.input_shape[1]
+        self.register_buffer("band_mean", torch.zeros(channels, bands, 1))
+        self.register_buffer("band_std", torch.ones(channels, bands, 1))
+        weights = torch.ones(num_classes) if class_weights is None else torch.tensor(class_weights)
+        self.register_buffer("class_weight", weights.float())
+        self._weights_given = class_weights is not None
+        masks = [AT.FrequencyMasking(freq_mask, iid_masks=True)] * (num_masks if freq_mask else 0)
+        masks += [AT.TimeMasking(time_mask, iid_masks=True)] * (num_masks if time_mask else 0)
+        self.augment = nn.Sequential(*masks)
+        self.mixup_alpha = mixup_alpha
+        # keyed "<stage>_metrics": a bare "train" key would shadow nn.Module.train
+        self.metrics = nn.ModuleDict({f"{s}_metrics": _split_metrics(num_classes) for s in STAGES})
+        #: Confusion matrix (rows true, cols predicted) of the last val/test epoch.
+        self.confusion: dict[str, torch.Tensor] = {}
+        #: Test-set ``index``, ``target`` and ``probs`` after a test epoch.
+        self.test_predictions: dict[str, torch.Tensor] = {}
+        self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- data-derived state -------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Take class weights and band statistics from the data module before fitting."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage != "fit" or dm is None:
+            return
+        if not self._weights_given and self.hparams.use_class_weights:
+            weights = getattr(dm, "class_weights", None)
+            if weights is not None:
+                self.class_weight.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        stats = getattr(dm, "feature_stats", None)
+        if self.normalize and stats is not None:
+            mean, std = stats
+            self.band_mean.copy_(torch.as_tensor(mean).reshape_as(self.band_mean))
+            self.band_std.copy_(torch.as_tensor(std).reshape_as(self.band_std).clamp_min(1e-5))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint made for another backbone or class count, naming both."""
+        hp = checkpoint.get("hyper_parameters", {})
+        theirs = _backbone_name(hp.get("backbone"))
+        ours = type(self.backbone).__name__
+        their_classes = hp.get("num_classes")
+        if (theirs and theirs != ours) or (their_classes and their_classes != self.num_classes):
+            raise CheckpointMismatchError(
+                f"checkpoint holds {theirs or '?'} with {their_classes} classes, but the configured "
+                f"model is {ours} with {self.num_classes} classes; pass the checkpoint's own config "
+                "(its run folder has config.yaml) or a matching --model"
+            )
+
+    # -- forward ------------------------------------------------------------
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-band standardisation with the train statistics (identity when off)."""
+        return (x - self.band_mean) / self.band_std if self.normalize else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` for raw front-end features ``(B, C, F, T)``."""
+        return self.backbone(self.standardize(x))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-weighted cross-entropy."""
+        weight = self.class_weight if self.hparams.use_class_weights else None
+        return F.cross_entropy(logits, target, weight=weight)
+
+    def train_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardise then augment a train batch (masking never touches val/test)."""
+        return self.augment(self.standardize(x))
+
+    def compute_loss(
+        self, x: torch.Tensor, y: torch.Tensor, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss, logits)``; subclasses change the loss, not the step."""
+        if stage == "train":
+            x = self.train_inputs(x)
+            if self.mixup_alpha > 0:
+                lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+                perm = torch.randperm(x.shape[0], device=x.device)
+                logits = self.backbone(lam * x + (1 - lam) * x[perm])
+                loss = lam * self.loss(logits, y) + (1 - lam) * self.loss(logits, y[perm])
+                return loss, logits
+        else:
+            x = self.standardize(x)
+        logits = self.backbone(x)
+        return self.loss(logits, y), logits
+
+    # -- the one shared step ------------------------------------------------
+    def shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        loss, logits = self.compute_loss(x, y, stage)
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=x.shape[0], sync_dist=stage != "train")
+        if stage == "test":
+            self._test_batches.append((y.detach(), logits.detach().softmax(dim=1)))
+        return loss
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def predict_step(self, batch: object, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities ``(B, K)``; ``batch`` is ``(x, y)``, ``x`` or a dict with ``"x"``."""
+        if isinstance(batch, dict):
+            x = batch["x"]
+        else:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=1)
+
+    # -- epoch ends: compute, log, keep the confusion ---------------------------
+    def _log_epoch(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            self.metrics[f"{stage}_metrics"].reset()
+            return
+        values = self.metrics[f"{stage}_metrics"].compute()
+        self.metrics[f"{stage}_metrics"].reset()
+        confusion = values.pop("confusion").long().cpu()
+        scalars = {f"{stage}/{k}": values[k] for k in ("acc", "f1_macro", "bal_acc")}
+        for kind in ("precision", "recall", "f1"):
+            for name, v in zip(self.class_names, values[kind], strict=True):
+                scalars[f"{stage}/{kind}/{name}"] = v
+        # values are already synced by torchmetrics; reducing identical values again is harmless
+        f1 = scalars.pop(f"{stage}/f1_macro")
+        self.log(f"{stage}/f1_macro", f1, prog_bar=True, sync_dist=True)
+        self.log_dict(scalars, sync_dist=True)
+        missing = [n for n, row in zip(self.class_names, confusion, strict=True) if row.sum() == 0]
+        if missing and stage != "train":
+            rank_zero_warn(
+                f"{stage}: no samples of class {', '.join(missing)}; its recall and F1 are "
+                "undefined and left out of the macro averages"
+            )
+        self.confusion[stage] = confusion
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_batches = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+        if not self._test_batches:
+            return
+        target = torch.cat([t for t, _ in self._test_batches])
+        probs = torch.cat([p for _, p in self._test_batches])
+        self._test_batches = []
+        if self.trainer.world_size > 1:  # DistributedSampler gives equal-sized shards
+            target = self.all_gather(target).reshape(-1)
+            probs = self.all_gather(probs).reshape(-1, self.num_classes)
+        self.test_predictions = {
+            "index": torch.arange(target.numel()),
+            "target": target.cpu(),
+            "probs": probs.float().cpu(),
+        }
+
+
+def _backbone_name(spec: object) -> str | None:
+    """The class name of a backbone hyperparameter (dict from the CLI, or a class)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        return str(spec["class_path"]).rsplit(".", 1)[-1]
+    if isinstance(spec, type):
+        return spec.__name__
+    return None
