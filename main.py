@@ -92,6 +92,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
         subclass_mode_model=True,
         parser_kwargs={cmd: defaults for cmd in SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the model owns its optimizer (model.init_args.optimizer)
         args=args,
         run=run,
     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.transforms as AT
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
@@ -48,8 +49,7 @@ class Classifier(LightningModule):
 
     ``num_classes``, ``in_channels``, ``class_names`` and ``input_shape`` come from
     the data module (the CLI links them), so YAML only names the backbone and the
-    recipe. The optimizer and scheduler are the CLI's top-level ``optimizer:`` and
-    ``lr_scheduler:``.
+    recipe.
 
     Args:
         backbone: the network, as ``class_path``/``init_args`` without ``in_channels``
@@ -69,6 +69,10 @@ class Classifier(LightningModule):
         time_mask: SpecAugment time-mask width (frames, train only; 0 disables).
         num_masks: how many masks of each kind per clip.
         mixup_alpha: Beta(α, α) mixup of train batches (0 disables).
+        optimizer: optimizer ``class_path``/``init_args`` (without ``params``); ``None``
+            is Adam with lr 1e-3 and weight decay 1e-5, the reference recipe.
+        lr_scheduler: optional scheduler ``class_path``/``init_args`` (without the
+            optimizer); ``ReduceLROnPlateau`` watches ``val/f1_macro``.
     """
 
     def __init__(
@@ -85,6 +89,8 @@ class Classifier(LightningModule):
         time_mask: int = 10,
         num_masks: int = 1,
         mixup_alpha: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +114,8 @@ class Classifier(LightningModule):
         masks += [AT.TimeMasking(time_mask, iid_masks=True)] * (num_masks if time_mask else 0)
         self.augment = nn.Sequential(*masks)
         self.mixup_alpha = mixup_alpha
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
         # keyed "<stage>_metrics": a bare "train" key would shadow nn.Module.train
         self.metrics = nn.ModuleDict({f"{s}_metrics": _split_metrics(num_classes) for s in STAGES})
         #: Confusion matrix (rows true, cols predicted) of the last val/test epoch.
@@ -144,6 +152,19 @@ class Classifier(LightningModule):
                 f"model is {ours} with {self.num_classes} classes; pass the checkpoint's own config "
                 "(its run folder has config.yaml) or a matching --model"
             )
+
+    def configure_optimizers(self) -> object:
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=1e-5)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        monitor = {"monitor": "val/f1_macro"} if isinstance(
+            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+        ) else {}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **monitor}}
 
     # -- forward ------------------------------------------------------------
     def standardize(self, x: torch.Tensor) -> torch.Tensor:

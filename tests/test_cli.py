@@ -1,0 +1,116 @@
+"""main.py end to end, in-process: fit, then test and predict from the checkpoint."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPLITS = '{"train": 160, "validation": 64, "test": 64}'
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "config" / "demo.yaml"),
+        "--data.source.init_args.clips_per_split", TINY_SPLITS,
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.progress", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
+        "--trainer.enable_progress_bar", "false",
+        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
+        "--latency.runs", "10",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "2")])
+    return tmp_path, cli
+
+
+def test_fit_writes_checkpoints_config_and_artifacts(fitted):
+    tmp_path, cli = fitted
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert best.is_file() and best.name.startswith("best-")
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(run_dir / "epoch_metrics.csv")))
+    assert len(rows) == 2 and "val/f1_macro" in rows[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["complexity"]["params"] == sum(p.numel() for p in cli.model.backbone.parameters())
+
+
+def test_test_and_predict_from_the_checkpoint(fitted):
+    tmp_path, cli = fitted
+    best = cli.trainer.checkpoint_callback.best_model_path
+    tested = main(["test", *tiny_args(tmp_path), "--ckpt_path", best])
+    metrics = tested.trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/f1_macro"]) <= 1.0
+    assert {"test/acc", "test/bal_acc", "test/f1/snore"} <= set(metrics)
+    run_dir = Path(tested.trainer.log_dir)
+    header = next(csv.reader(open(run_dir / "class_metrics.csv")))
+    assert header[:4] == ["class", "precision", "recall", "f1"]
+    board = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    assert board[-1]["model"] == "TinyCNN" and board[-1]["test_f1_macro"]
+
+    predicted = main(["predict", *tiny_args(tmp_path), "--ckpt_path", best])
+    probs = torch.cat(predicted.trainer.predict_loop.predictions)
+    n_test = len(tested.model.test_predictions["target"])  # the test split minus non_wearer
+    assert 0 < n_test < 64
+    assert probs.shape == (n_test, 3)
+    assert probs.sum(dim=1).allclose(torch.ones(n_test))
+    # predict runs the same model on the same rows as test
+    assert torch.allclose(probs, tested.model.test_predictions["probs"], atol=1e-5)
+
+
+def test_checkpoint_of_another_backbone_is_refused(fitted, capsys):
+    tmp_path, cli = fitted
+    best = cli.trainer.checkpoint_callback.best_model_path
+    with pytest.raises(SystemExit):
+        main(["test", *tiny_args(tmp_path), "--model.init_args.backbone", "models.backbones.CRNN",
+              "--ckpt_path", best])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "TinyCNN" in err and "CRNN" in err
+
+
+def test_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "models.classifier.Classifier"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("freq_mask", "mixup_alpha", "normalize", "optimizer"):
+        assert f"--model.{option}" in out
+    assert "SpecAugment" in out
+
+
+def test_unknown_class_path_is_a_clear_cli_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(tmp_path), "--model.init_args.backbone", "models.backbones.NoSuchNet"])
+    assert exit_info.value.code != 0
+    assert "NoSuchNet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_fit_on_two_cpu_processes_writes_artifacts_once(tmp_path):
+    args = tiny_args(
+        tmp_path, "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2",
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "main.py", "fit", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "log").glob("demo/version_*"))
+    assert len(runs) == 1, runs
+    assert (runs[0] / "metrics.json").is_file()
+    board = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    assert len(board) == 1

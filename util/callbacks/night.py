@@ -1,0 +1,357 @@
+"""Write a snore/breathing timeline and summary per recording from window predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from util.night import (
+    PerClass,
+    detect_events,
+    median_filter,
+    model_identity,
+    plot_timeline,
+    post_processing,
+    summarize,
+    window_bounds,
+    write_events_csv,
+)
+
+__all__ = ["NightWriter"]
+
+log = logging.getLogger(__name__)
+
+#: Columns of ``recordings.csv``, one row per recording of the run.
+INDEX_COLUMNS = (
+    "recording",
+    "status",
+    "output",
+    "duration_h",
+    "snore_minutes",
+    "snore_episodes",
+    "snore_episodes_per_hour",
+    "longest_snore_free_min",
+    "message",
+)
+
+
+class _Open:
+    """Window probabilities of one recording being received."""
+
+    def __init__(self) -> None:
+        self.index: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []
+        self.info: dict[str, Any] = {}
+
+
+class NightWriter(BasePredictionWriter):
+    """Turn per-window probabilities of long recordings into events, a summary and a plot.
+
+    Acts only on batches from :class:`data.recording.RecordingWindows` (dicts with a
+    ``recording`` key); any other prediction (the cached test split) passes
+    untouched. Window probabilities are gathered per recording (one at a time per
+    data worker) and, when a recording's last window arrives, post-processed as
+    described in :mod:`util.night` and written to ``<output_dir>/<stem>/``:
+
+    * ``events.csv``: ``start_s,end_s,label,mean_prob``;
+    * ``summary.json``: length, minutes per class, snore episodes and episodes per
+      hour, longest snore-free stretch, input repairs, the model's identity
+      (backbone, checkpoint path and sha256 prefix, classes, feature config hash)
+      and the post-processing used;
+    * ``timeline.png``: class probabilities over the night with event bands.
+
+    ``<output_dir>/recordings.csv`` lists every recording with its status, and
+    ``<output_dir>/errors.json`` every recording that failed or was only partly
+    read (unreadable, zero-length, truncated, too short, too many channels), with
+    the reason; a failure is also logged and never stops the other recordings.
+
+    Options that take a number per class accept either one number for every class
+    or a mapping such as ``{snore: 10.0, default: 3.0}``.
+
+    Args:
+        output_dir: folder for the per-recording folders (created when needed).
+        median_windows: running-median length in windows (odd; 1 turns it off). At
+            the default 0.5 s hop, 5 windows smooth over 2.5 s.
+        on_threshold: probability that starts an event (hysteresis "on").
+        off_threshold: probability an event stays above (hysteresis "off").
+        min_duration_s: events shorter than this, after merging, are dropped.
+        merge_gap_s: events of one class closer than this are merged; snoring
+            comes once per breath, so a gap of a few breaths keeps a bout whole.
+        background: classes that never make events (their time is the rest).
+        snore_label: the class whose episodes the summary counts.
+        plot: write ``timeline.png``.
+        plot_points: most time bins in the plot (the night is averaged into them).
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "predictions",
+        median_windows: int = 5,
+        on_threshold: PerClass = 0.5,
+        off_threshold: PerClass = 0.3,
+        min_duration_s: PerClass = 3.0,
+        merge_gap_s: PerClass = 10.0,
+        background: Sequence[str] = ("quiet",),
+        snore_label: str = "snore",
+        plot: bool = True,
+        plot_points: int = 1600,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if median_windows < 1 or median_windows % 2 == 0:
+            raise ValueError(f"median_windows must be a positive odd number, got {median_windows}")
+        self.output_dir = Path(output_dir)
+        self.median_windows = int(median_windows)
+        self.on_threshold = on_threshold
+        self.off_threshold = off_threshold
+        self.min_duration_s = min_duration_s
+        self.merge_gap_s = merge_gap_s
+        self.background = tuple(background)
+        self.snore_label = snore_label
+        self.plot = plot
+        self.plot_points = int(plot_points)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._open: dict[str, _Open] = {}
+        self._rows: list[dict[str, Any]] = []
+        self._errors: list[dict[str, Any]] = []
+        self._stems: set[str] = set()
+        self._identity: dict[str, Any] | None = None
+
+    # -- Lightning hooks ----------------------------------------------------------
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+        names = list(getattr(pl_module, "class_names", []) or [])
+        for label in names:  # fail before hours of inference, not after
+            if label not in self.background:
+                post_processing(
+                    label,
+                    names,
+                    self.on_threshold,
+                    self.off_threshold,
+                    self.min_duration_s,
+                    self.merge_gap_s,
+                )
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Gather one batch of a recording's windows; finish the recording on its last."""
+        if not (isinstance(batch, dict) and "recording" in batch):
+            return  # not a recording window (e.g. the cached test split): nothing to write
+        key = str(batch["recording"])
+        rec = self._open.setdefault(key, _Open())
+        probs = torch.as_tensor(prediction).detach().float().cpu().numpy()
+        if len(probs):
+            rec.index.append(torch.as_tensor(batch["index"]).cpu().numpy())
+            rec.probs.append(probs)
+        if batch.get("last"):
+            rec.info = dict(batch.get("info") or {})
+            del self._open[key]
+            self._finish(trainer, pl_module, key, rec)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for key, rec in list(self._open.items()):  # only when prediction stopped early
+            rec.info.setdefault("status", "partial")
+            rec.info["error"] = f"{key}: prediction ended before the recording's last window"
+            self._finish(trainer, pl_module, key, rec)
+        self._open.clear()
+        if not self._rows:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        with open(self.output_dir / f"recordings{suffix}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
+            w.writeheader()
+            w.writerows(self._rows)
+        (self.output_dir / f"errors{suffix}.json").write_text(json.dumps(self._errors, indent=2))
+        failed = sum(1 for r in self._rows if r["status"] != "ok")
+        rank_zero_info(
+            f"night: {len(self._rows)} recording(s) written to {self.output_dir}"
+            + (f"; {failed} with problems, see {self.output_dir / f'errors{suffix}.json'}" if failed else "")
+        )
+
+    # -- one recording --------------------------------------------------------------
+
+    def _finish(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, key: str, rec: _Open
+    ) -> None:
+        info = rec.info
+        status = info.get("status", "ok")
+        message = info.get("error")
+        class_names = list(getattr(pl_module, "class_names", []) or [])
+        row: dict[str, Any] = dict.fromkeys(INDEX_COLUMNS, "")
+        row.update(recording=key, status=status, message=message or "")
+        if message:
+            log.error("night: %s", message)
+            self._errors.append({"recording": key, "status": status, "error": message})
+        if status == "error":
+            self._rows.append(row)
+            return
+        if rec.probs:
+            index = np.concatenate(rec.index)
+            order = np.argsort(index, kind="stable")
+            probs = np.concatenate(rec.probs)[order]
+        else:
+            probs = np.zeros((0, len(class_names)), np.float32)
+        if probs.shape[1] != len(class_names):
+            raise ValueError(
+                f"{key}: predictions have {probs.shape[1]} columns for classes {class_names}"
+            )
+        hop_s = float(info.get("hop_s", 0.5))
+        window_s = float(info.get("window_s", 1.0))
+        duration_s = float(info.get("duration_s", len(probs) * hop_s))
+        bounds = window_bounds(len(probs), hop_s, window_s, duration_s)
+        smoothed = median_filter(probs, self.median_windows)
+        events = detect_events(
+            probs,
+            class_names,
+            bounds,
+            self.median_windows,
+            self.on_threshold,
+            self.off_threshold,
+            self.min_duration_s,
+            self.merge_gap_s,
+            self.background,
+            smoothed=smoothed,
+        )
+        if self._identity is None:
+            self._identity = model_identity(
+                pl_module, trainer.ckpt_path, info.get("feature_config_hash")
+            )
+        out = self._folder(key)
+        out.mkdir(parents=True, exist_ok=True)
+        numbers = summarize(
+            events, smoothed, class_names, bounds, duration_s, self.snore_label, self.background
+        )
+        summary = {
+            "recording": key,
+            "status": status,
+            "message": message,
+            **numbers,
+            "window_s": window_s,
+            "hop_s": hop_s,
+            "input": {
+                k: info.get(k)
+                for k in (
+                    "source_sample_rate",
+                    "source_channels",
+                    "source_format",
+                    "source_duration_s",
+                    "sample_rate",
+                    "nonfinite_samples",
+                    "repairs",
+                )
+            },
+            "model": {**self._identity, "feature_config": info.get("feature_config")},
+            "postprocessing": self._params(class_names),
+            "files": {"events": "events.csv", "summary": "summary.json", "timeline": None},
+        }
+        write_events_csv(events, out / "events.csv")
+        if self.plot and len(probs):
+            snore = numbers["snore"]
+            title = f"{Path(key).name}  ·  {_hours(duration_s)}"
+            if snore.get("episodes") is not None:
+                title += (
+                    f"  ·  {self.snore_label}: {snore['minutes']:.0f} min in {snore['episodes']} "
+                    f"episodes ({snore['episodes_per_hour']:.1f}/h), longest free stretch "
+                    f"{snore['longest_snore_free_min']:.0f} min"
+                )
+            plot_timeline(
+                out / "timeline.png",
+                smoothed,
+                bounds,
+                events,
+                class_names,
+                title=title,
+                background=self.background,
+                max_points=self.plot_points,
+            )
+            summary["files"]["timeline"] = "timeline.png"
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        snore = numbers["snore"]
+        row.update(
+            output=str(out),
+            duration_h=f"{numbers['duration_h']:.3f}",
+            snore_minutes=_fmt(snore.get("minutes")),
+            snore_episodes=_fmt(snore.get("episodes")),
+            snore_episodes_per_hour=_fmt(snore.get("episodes_per_hour")),
+            longest_snore_free_min=_fmt(snore.get("longest_snore_free_min")),
+        )
+        self._rows.append(row)
+        if snore.get("episodes") is not None:
+            rank_zero_info(
+                f"night: {key}: {_hours(duration_s)}, {self.snore_label} {snore['minutes']:.1f} min "
+                f"in {snore['episodes']} episodes ({snore['episodes_per_hour']:.2f}/h) -> {out}"
+            )
+        else:
+            rank_zero_info(f"night: {key}: {_hours(duration_s)}, {len(events)} events -> {out}")
+
+    def _folder(self, key: str) -> Path:
+        """``<output_dir>/<stem>``, with ``-2``, ``-3``... when a stem repeats in one run."""
+        stem = Path(key).stem or "recording"
+        name, i = stem, 1
+        while name in self._stems:
+            i += 1
+            name = f"{stem}-{i}"
+        self._stems.add(name)
+        return self.output_dir / name
+
+    def _params(self, class_names: Sequence[str]) -> dict[str, Any]:
+        per_class = {
+            label: vars(
+                post_processing(
+                    label,
+                    class_names,
+                    self.on_threshold,
+                    self.off_threshold,
+                    self.min_duration_s,
+                    self.merge_gap_s,
+                )
+            )
+            for label in class_names
+            if label not in self.background
+        }
+        return {
+            "median_windows": self.median_windows,
+            "background": list(self.background),
+            "per_class": per_class,
+        }
+
+
+def _hours(seconds: float) -> str:
+    minutes = int(round(seconds / 60.0))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
