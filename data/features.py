@@ -1,0 +1,305 @@
+"""The log-mel front end shared by cache building and prediction.
+
+One :class:`LogMelFrontEnd` turns batches of waveforms into spectrograms. It does
+no normalisation: per-band statistics come from the train cache and are applied by
+the model, so the cache holds the front end's raw output and inference computes
+exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import torch
+import torchaudio.transforms as T
+from torch import nn
+
+Preset = Literal["native", "reference"]
+ChannelMode = Literal["stereo", "mono", "in_ear"]
+Scale = Literal["log", "db"]
+
+#: Bump when the computation changes without any parameter changing, so old caches
+#: get a new key instead of being reused.
+FRONT_END_VERSION = 1
+
+#: ``amin`` and ``top_db`` of librosa's ``power_to_db``, which the dB scale follows.
+DB_AMIN = 1e-10
+DB_TOP = 80.0
+
+#: Samples per piece when a CPU batch is computed piecewise (see forward).
+_CPU_CHUNK_SAMPLES = 1 << 19
+
+_COMMON: dict[str, Any] = {
+    "sample_rate": 16000,
+    "n_fft": 512,
+    "win_length": 400,
+    "hop_length": 160,
+    "n_mels": 64,
+    "f_min": 20.0,
+    "f_max": 8000.0,
+    "eps": 1e-6,
+}
+
+#: Every parameter of each preset; an explicit argument overrides one value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "native": {
+        **_COMMON,
+        "clip_seconds": 1.0,
+        "channels": "stereo",
+        "scale": "log",
+        "mel_scale": "htk",
+        "mel_norm": "none",
+        "pad_mode": "reflect",
+    },
+    # librosa.feature.melspectrogram + power_to_db(ref=np.max) defaults, as in the
+    # published benchmark: Slaney mel scale and area norm, zero padding when centring.
+    "reference": {
+        **_COMMON,
+        "clip_seconds": 5.0,
+        "channels": "mono",
+        "scale": "db",
+        "mel_scale": "slaney",
+        "mel_norm": "slaney",
+        "pad_mode": "constant",
+    },
+}
+
+
+class LogMelFrontEnd(nn.Module):
+    """Waveforms ``(B, C_in, S)`` to log-mel spectrograms ``(B, C_out, n_mels, T)``.
+
+    The input is adapted to the channel mode, zero-padded or cropped (from the start)
+    to the clip length, then turned into a power mel spectrogram (Hann window,
+    centred frames) and log-scaled. ``T = 1 + clip_samples // hop_length``:
+    the ``native`` preset gives ``2×64×101``, ``reference`` gives ``1×64×501``.
+
+    Args:
+        preset: ``native`` (both channels, 1 s, ``log(mel + eps)``) or ``reference``
+            (mono downmix, 5 s, dB relative to each clip's maximum with an 80 dB
+            floor, librosa mel filters: the published TinyCNN/CRNN input).
+            Every other argument left as ``None`` takes the preset's value.
+        sample_rate: expected sample rate in Hz; other rates are resampled before
+            the front end (the cache does it and counts it).
+        n_fft: FFT size.
+        win_length: Hann window length in samples.
+        hop_length: hop between frames in samples.
+        n_mels: number of mel bands.
+        f_min: lowest mel filter edge in Hz.
+        f_max: highest mel filter edge in Hz.
+        clip_seconds: clip length; shorter input is zero-padded, longer is cropped.
+        channels: ``stereo`` (in-ear and outer microphone; a one-channel input is
+            duplicated), ``mono`` (mean of the channels) or ``in_ear`` (channel 0).
+        scale: ``log`` = ``log(mel + eps)``; ``db`` = ``10·log10`` power relative to
+            each clip's maximum (which maps to 0 dB), floored at -80 dB.
+        eps: offset inside the natural log of the ``log`` scale.
+        mel_scale: ``htk`` (torchaudio's default) or ``slaney`` (librosa's default).
+        mel_norm: ``none`` or ``slaney`` (area normalisation, librosa's default).
+        pad_mode: padding at the clip's edges when centring frames: ``reflect``
+            (torchaudio's default) or ``constant`` zeros (librosa ≥ 0.10's default).
+    """
+
+    def __init__(
+        self,
+        preset: Preset = "native",
+        sample_rate: int | None = None,
+        n_fft: int | None = None,
+        win_length: int | None = None,
+        hop_length: int | None = None,
+        n_mels: int | None = None,
+        f_min: float | None = None,
+        f_max: float | None = None,
+        clip_seconds: float | None = None,
+        channels: ChannelMode | None = None,
+        scale: Scale | None = None,
+        eps: float | None = None,
+        mel_scale: Literal["htk", "slaney"] | None = None,
+        mel_norm: Literal["none", "slaney"] | None = None,
+        pad_mode: Literal["reflect", "constant"] | None = None,
+    ) -> None:
+        super().__init__()
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        given = {
+            "sample_rate": sample_rate,
+            "n_fft": n_fft,
+            "win_length": win_length,
+            "hop_length": hop_length,
+            "n_mels": n_mels,
+            "f_min": f_min,
+            "f_max": f_max,
+            "clip_seconds": clip_seconds,
+            "channels": channels,
+            "scale": scale,
+            "eps": eps,
+            "mel_scale": mel_scale,
+            "mel_norm": mel_norm,
+            "pad_mode": pad_mode,
+        }
+        cfg = {k: (PRESETS[preset][k] if v is None else v) for k, v in given.items()}
+        for key in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+            cfg[key] = int(cfg[key])
+        for key in ("f_min", "f_max", "clip_seconds", "eps"):
+            cfg[key] = float(cfg[key])
+        _check_choice("channels", cfg["channels"], ("stereo", "mono", "in_ear"))
+        _check_choice("scale", cfg["scale"], ("log", "db"))
+        _check_choice("mel_scale", cfg["mel_scale"], ("htk", "slaney"))
+        _check_choice("mel_norm", cfg["mel_norm"], ("none", "slaney"))
+        _check_choice("pad_mode", cfg["pad_mode"], ("reflect", "constant"))
+        if cfg["win_length"] > cfg["n_fft"]:
+            raise ValueError(f"win_length {cfg['win_length']} exceeds n_fft {cfg['n_fft']}")
+        if not 0 <= cfg["f_min"] < cfg["f_max"] <= cfg["sample_rate"] / 2:
+            raise ValueError(
+                f"need 0 <= f_min < f_max <= sample_rate/2, got {cfg['f_min']}, {cfg['f_max']}"
+            )
+        if cfg["clip_seconds"] <= 0:
+            raise ValueError(f"clip_seconds must be positive, got {cfg['clip_seconds']}")
+        self.preset = preset
+        self._cfg = cfg
+        self.sample_rate: int = cfg["sample_rate"]
+        self.hop_length: int = cfg["hop_length"]
+        self.n_mels: int = cfg["n_mels"]
+        self.channels: str = cfg["channels"]
+        self.scale: str = cfg["scale"]
+        self.eps: float = cfg["eps"]
+        self.mel = T.MelSpectrogram(
+            sample_rate=cfg["sample_rate"],
+            n_fft=cfg["n_fft"],
+            win_length=cfg["win_length"],
+            hop_length=cfg["hop_length"],
+            f_min=cfg["f_min"],
+            f_max=cfg["f_max"],
+            n_mels=cfg["n_mels"],
+            power=2.0,
+            center=True,
+            pad_mode=cfg["pad_mode"],
+            norm=None if cfg["mel_norm"] == "none" else cfg["mel_norm"],
+            mel_scale=cfg["mel_scale"],
+        )
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples per clip after padding or cropping."""
+        return int(round(self._cfg["clip_seconds"] * self.sample_rate))
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output: 2 for ``stereo``, 1 otherwise."""
+        return 2 if self.channels == "stereo" else 1
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """``(C, n_mels, T)`` of one clip's features."""
+        return (self.out_channels, self.n_mels, 1 + self.clip_samples // self.hop_length)
+
+    def config(self) -> dict[str, Any]:
+        """Every resolved parameter (JSON-able); what the cache key is made of."""
+        return {
+            "class": type(self).__name__,
+            "version": FRONT_END_VERSION,
+            "preset": self.preset,
+            **self._cfg,
+        }
+
+    def config_hash(self) -> str:
+        """sha256 (hex) of :meth:`config` as sorted-key JSON."""
+        blob = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def adapt(self, wave: torch.Tensor) -> torch.Tensor:
+        """Adapt ``(B, C_in, S)`` to ``(B, C_out, clip_samples)``: channel mode, then pad/crop."""
+        if wave.ndim != 3:
+            raise ValueError(
+                f"expected a batch (B, channels, samples), got shape {tuple(wave.shape)}"
+            )
+        c_in = wave.shape[1]
+        if not 1 <= c_in <= 2:
+            raise ValueError(f"expected 1 or 2 channels, got {c_in}")
+        if self.channels == "stereo":
+            if c_in == 1:
+                wave = wave.expand(-1, 2, -1)
+        elif self.channels == "mono":
+            wave = wave.mean(dim=1, keepdim=True)
+        else:  # in_ear
+            wave = wave[:, :1]
+        n = self.clip_samples
+        if wave.shape[-1] >= n:
+            return wave[..., :n]
+        return nn.functional.pad(wave, (0, n - wave.shape[-1]))
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, C_out, n_mels, T)`` of float waveforms ``(B, C_in, S)``."""
+        # Power spectra span many decades: keep float32 even inside a model's autocast.
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            return self._features(self.adapt(wave.float()))
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, s = x.shape
+        flat = x.reshape(b * c, s)
+        frames = 1 + s // self.hop_length
+        out = torch.empty(b * c, self.n_mels, frames, dtype=x.dtype, device=x.device)
+        rows = b * c
+        if x.device.type == "cpu":
+            # Small pieces keep every temporary under glibc's mmap threshold, so memory is
+            # reused instead of page-faulted in afresh on every call (measured 1.5-2x).
+            rows = max(1, _CPU_CHUNK_SAMPLES // s)
+        for start in range(0, b * c, rows):
+            mel = self._mel_frames(flat[start : start + rows]).transpose(1, 2)
+            if self.scale == "log":
+                torch.log(mel.add_(self.eps), out=out[start : start + rows])
+            else:
+                torch.log10(mel.clamp_(min=DB_AMIN), out=out[start : start + rows])
+        out = out.view(b, c, self.n_mels, frames)
+        if self.scale == "log":
+            return out
+        out.mul_(10.0)
+        peak = out.amax(dim=(1, 2, 3), keepdim=True)
+        return out.sub_(peak).clamp_(min=-DB_TOP)
+
+    def _mel_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Power mel spectrogram ``(N, T, n_mels)`` of ``(N, S)`` signals.
+
+        Numerically the same as ``self.mel(x).transpose(1, 2)`` (a test holds it to
+        that) with the same window and filter bank, about twice as fast on CPU:
+        frames are windowed straight into a zero-padded FFT buffer and the power
+        is re² + im², never complex ``abs``. The window sits at the start of the
+        n_fft buffer instead of its centre, a circular shift that leaves the power
+        spectrum unchanged.
+        """
+        spec = self.mel.spectrogram
+        n_fft, hop = spec.n_fft, spec.hop_length
+        window = spec.window
+        win = window.shape[0]
+        n, s = x.shape
+        half = n_fft // 2
+        padded = x.new_empty(n, s + 2 * half)
+        padded[:, half : half + s] = x
+        if self._cfg["pad_mode"] == "reflect":
+            if s <= half:
+                raise ValueError(f"reflect padding needs more than {half} samples, got {s}")
+            padded[:, :half] = x[:, 1 : half + 1].flip(-1)
+            padded[:, half + s :] = x[:, s - half - 1 : s - 1].flip(-1)
+        else:
+            padded[:, :half] = 0.0
+            padded[:, half + s :] = 0.0
+        frames = 1 + s // hop
+        # torch.stft centres a short window inside n_fft: the first (n_fft - win) // 2 samples
+        # of every frame meet zeros.
+        offset = (n_fft - win) // 2
+        view = padded[:, offset:].unfold(-1, win, hop)[:, :frames]
+        buf = x.new_empty(n, frames, n_fft)
+        buf[..., win:] = 0.0
+        torch.mul(view, window, out=buf[..., :win])
+        parts = torch.view_as_real(torch.fft.rfft(buf)).square_()
+        power = parts[..., 0] + parts[..., 1]
+        return torch.matmul(power, self.mel.mel_scale.fb)
+
+    def extra_repr(self) -> str:
+        shape = "×".join(str(d) for d in self.output_shape)
+        return f"preset={self.preset}, channels={self.channels}, scale={self.scale}, out={shape}"
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
