@@ -1,0 +1,460 @@
+"""The sources: DreamCatcher tarballs and trees, the hub download, folders, parquet, synthetic."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+import data.sources.dreamcatcher as dreamcatcher_module
+from data.audio import SKIP_REASONS, check_waveform
+from data.sources import (
+    DREAMCATCHER_LABELS,
+    MALFORMED_MEMBERS,
+    ArchiveError,
+    AudioFolder,
+    Clip,
+    DatasetAccessError,
+    DreamCatcher,
+    HubAudioDataset,
+    SkippedClip,
+    Synthetic,
+    write_dreamcatcher_archive,
+)
+from data.sources.dreamcatcher import DEFAULT_REVISION, is_unsafe_member
+from data.sources.synthetic import malformed_member_name
+
+PREFIX = "home/someone/datasets/DreamCatcher/extracted/2024-06-01/DreamCatcher-v1.0"
+COUNTS = {"train": 12, "validation": 6, "test": 4}
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Synthetic:
+    return Synthetic(seed=3, clips_per_split=COUNTS)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, corpus: Synthetic) -> Path:
+    root = tmp_path_factory.mktemp("dreamcatcher")
+    # Deflated like the real tarballs (the default, level 0, only stores).
+    return write_dreamcatcher_archive(root, corpus, prefix=PREFIX, malformed=True, compresslevel=6)
+
+
+def _records(source, split: str) -> list[Clip | SkippedClip]:
+    return list(source.iter_clips(split))
+
+
+def _wav(wave: np.ndarray, sr: int = 16000, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave.T, sr, subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
+# -- DreamCatcher ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_tarball_yields_every_clip_and_counts_every_bad_member(archive, corpus, split):
+    records = _records(DreamCatcher(root=str(archive)), split)
+    clips = [r for r in records if isinstance(r, Clip)]
+    skipped = [r for r in records if isinstance(r, SkippedClip)]
+
+    kept_bad = [k for k, m in MALFORMED_MEMBERS.items() if m.source_reason is None]
+    assert (len(kept_bad), len(skipped)) == (6, 5)  # the documented numbers per split
+    assert len(clips) == COUNTS[split] + len(kept_bad)
+    assert Counter(s.reason for s in skipped) == Counter(
+        m.source_reason for m in MALFORMED_MEMBERS.values() if m.source_reason
+    )
+    assert all(s.reason in SKIP_REASONS for s in skipped)
+    assert all(r.split == split for r in records)
+
+    by_id = {c.clip_id: c for c in clips}
+    for index in range(COUNTS[split]):
+        expected = corpus.synthesize(split, index)
+        member = f"{PREFIX}/data/{split}/{expected.label}/{corpus.clip_name(split, index)}.wav"
+        clip = by_id[member]  # clip_id is the member path, long prefix included
+        assert clip.label == expected.label
+        assert clip.sample_rate == 16000
+        assert clip.waveform.dtype == np.float32
+        assert clip.waveform.shape == (2, 16000)
+        np.testing.assert_allclose(clip.waveform, expected.waveform, atol=1 / 32768)
+
+    # Decodable bad members are yielded; the cache's check gives the documented outcome.
+    for key in kept_bad:
+        clip = by_id[malformed_member_name(key, split, PREFIX)]
+        assert clip.label == MALFORMED_MEMBERS[key].label
+        assert (
+            check_waveform(clip.waveform, clip.sample_rate) == MALFORMED_MEMBERS[key].cache_reason
+        )
+    assert by_id[malformed_member_name("mono", split, PREFIX)].waveform.shape[0] == 1
+    assert by_id[malformed_member_name("rate_22050", split, PREFIX)].sample_rate == 22050
+    reasons = {s.clip_id: s.reason for s in skipped}
+    for key, member in MALFORMED_MEMBERS.items():
+        if member.source_reason:
+            assert reasons[malformed_member_name(key, split, PREFIX)] == member.source_reason
+
+
+def test_order_and_member_list_hash_are_stable(archive):
+    a, b = DreamCatcher(root=str(archive)), DreamCatcher(root=str(archive))
+    assert a.member_list_hash("test") is None
+    ids_a = [r.clip_id for r in a.iter_clips("test")]
+    ids_b = [r.clip_id for r in b.iter_clips("test")]
+    assert ids_a == ids_b
+    assert a.member_list_hash("test") == b.member_list_hash("test") is not None
+
+
+def test_unsafe_members_are_refused_and_never_extracted(tmp_path):
+    wav = _wav(np.zeros((2, 8000), np.float32))
+    tarball = tmp_path / "data" / "train.tar.gz"
+    tarball.parent.mkdir()
+    names = [
+        "../../escape/data/train/quiet/a.wav",
+        "/etc/data/train/quiet/b.wav",
+        "x/data/train/quiet/../quiet/c.wav",
+        "C:/x/data/train/quiet/d.wav",
+        "x/data/train/quiet/ok.wav",
+    ]
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(wav)
+            tar.addfile(info, io.BytesIO(wav))
+        link = tarfile.TarInfo("x/data/train/quiet/link.wav")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    records = _records(DreamCatcher(root=str(tmp_path)), "train")
+    assert [(r.clip_id, type(r).__name__) for r in records if isinstance(r, Clip)] == [
+        ("x/data/train/quiet/ok.wav", "Clip")
+    ]
+    unsafe = [r.clip_id for r in records if isinstance(r, SkippedClip)]
+    assert unsafe == [*names[:4], "x/data/train/quiet/link.wav"]
+    assert all(r.reason == "unsafe_path" for r in records if isinstance(r, SkippedClip))
+    assert not (tmp_path.parent / "escape").exists() and sorted(tmp_path.iterdir()) == [
+        tmp_path / "data"
+    ]
+    assert is_unsafe_member("a/../b.wav") and not is_unsafe_member("a/..b/c.wav")
+
+
+def test_extracted_tree_reads_like_the_tarball(archive, tmp_path):
+    tree = tmp_path / "tree"
+    with tarfile.open(archive / "data" / "train.tar.gz", "r:gz") as tar:
+        safe = [m for m in tar.getmembers() if not is_unsafe_member(m.name)]
+        tar.extractall(tree, members=safe, filter="data")
+    from_tar = _records(DreamCatcher(root=str(archive)), "train")
+    source = DreamCatcher(root=str(tree))
+    from_tree = _records(source, "train")
+
+    def clips(records):
+        return {r.clip_id: r for r in records if isinstance(r, Clip)}
+
+    def skips(records):
+        return {(r.clip_id, r.reason) for r in records if isinstance(r, SkippedClip)}
+
+    assert clips(from_tree).keys() == clips(from_tar).keys()
+    for clip_id, clip in clips(from_tree).items():
+        assert clip.label == clips(from_tar)[clip_id].label
+        np.testing.assert_array_equal(clip.waveform, clips(from_tar)[clip_id].waveform)
+    # Unsafe and wrong-split members never land in the tree's train folder.
+    assert skips(from_tree) == {
+        s for s in skips(from_tar) if s[1] not in ("unsafe_path", "wrong_split")
+    }
+    assert [r.clip_id for r in from_tree] == sorted(r.clip_id for r in from_tree)
+    assert source.size_hint("train") == len(from_tree)
+    assert source.fingerprint("train")["kind"] == "tree"
+    with pytest.raises(FileNotFoundError, match="test"):
+        _records(source, "test")
+
+
+def test_fingerprint_is_cheap_stable_and_content_bound(archive, corpus, tmp_path):
+    fp = DreamCatcher(root=str(archive)).fingerprint("train")
+    assert fp["size"] == str((archive / "data" / "train.tar.gz").stat().st_size)
+    # The writer is reproducible, so a rewrite (new mtime) keeps the fingerprint.
+    again = write_dreamcatcher_archive(
+        tmp_path / "a", corpus, splits=("train",), prefix=PREFIX, malformed=True, compresslevel=6
+    )
+    assert DreamCatcher(root=str(again)).fingerprint("train") == fp
+    other = Synthetic(seed=4, clips_per_split=COUNTS)
+    changed = write_dreamcatcher_archive(tmp_path / "b", other, splits=("train",), prefix=PREFIX)
+    assert DreamCatcher(root=str(changed)).fingerprint("train") != fp
+    # The default archive stores without deflating; it reads the same way.
+    clips = _records(DreamCatcher(root=str(changed)), "train")
+    assert [c.label for c in clips] == [c.label for c in other.iter_clips("train")]
+
+
+def test_truncated_tarball_is_one_clear_error_never_a_short_read(tmp_path):
+    source = Synthetic(seed=1, clips_per_split={"train": 4})
+    data = write_dreamcatcher_archive(tmp_path / "full", source, splits=("train",)) / "data"
+    whole = (data / "train.tar.gz").read_bytes()
+    cut_root = tmp_path / "cut"
+    cut_root.mkdir()
+    outcomes = Counter()
+    # Cut everywhere, inside members and inside headers: tarfile alone ends quietly
+    # when a header is cut off, which would lose clips without a word.
+    for cut in range(0, len(whole) - 8, len(whole) // 150):
+        (cut_root / "train.tar.gz").write_bytes(whole[:cut])
+        try:
+            outcomes[len(_records(DreamCatcher(root=str(cut_root)), "train"))] += 1
+        except ArchiveError as err:
+            assert "truncated" in str(err) and "\n" not in str(err)
+            outcomes["error"] += 1
+    assert set(outcomes) == {"error"}
+
+
+def test_hub_download_uses_the_pinned_revision(archive, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        return str(archive / kwargs["filename"])
+
+    monkeypatch.setattr(dreamcatcher_module, "hf_hub_download", fake_download)
+    source = DreamCatcher(download_dir=str(tmp_path))
+    fp = source.fingerprint("validation")
+    assert calls == []  # the fingerprint needs no download
+    assert fp["revision"] == DEFAULT_REVISION and fp["filename"] == "data/validation.tar.gz"
+    hub = [(r.clip_id, type(r).__name__) for r in source.iter_clips("validation")]
+    local = [
+        (r.clip_id, type(r).__name__)
+        for r in DreamCatcher(root=str(archive)).iter_clips("validation")
+    ]
+    assert hub == local
+    assert calls == [
+        {
+            "repo_id": "THU-PI-Sensing/DreamCatcher",
+            "filename": "data/validation.tar.gz",
+            "repo_type": "dataset",
+            "revision": DEFAULT_REVISION,
+            "token": None,
+            "cache_dir": str(tmp_path),
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(GatedRepoError, 403), (HfHubHTTPError, 401), (HfHubHTTPError, 403)]
+)
+def test_refused_download_is_one_clear_error(monkeypatch, error, status):
+    response = SimpleNamespace(status_code=status, headers={}, request=None)
+
+    def refuse(**kwargs):
+        raise error("Access to dataset is restricted", response=response)
+
+    monkeypatch.setattr(dreamcatcher_module, "hf_hub_download", refuse)
+    with pytest.raises(DatasetAccessError) as info:
+        next(DreamCatcher().iter_clips("train"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "HF_TOKEN" in message and "hf auth login" in message
+    assert "huggingface.co/datasets/THU-PI-Sensing/DreamCatcher" in message
+
+
+def test_other_hub_errors_are_not_disguised(monkeypatch):
+    response = SimpleNamespace(status_code=500, headers={}, request=None)
+
+    def fail(**kwargs):
+        raise HfHubHTTPError("server error", response=response)
+
+    monkeypatch.setattr(dreamcatcher_module, "hf_hub_download", fail)
+    with pytest.raises(HfHubHTTPError):
+        next(DreamCatcher().iter_clips("train"))
+
+
+# -- AudioFolder ----------------------------------------------------------------------
+
+
+def test_audio_folder(tmp_path):
+    tone = np.sin(np.linspace(0, 200, 8000, dtype=np.float32))[None].repeat(2, 0) * 0.1
+    files = {
+        "train/snore/b.wav": _wav(tone),
+        "train/quiet/A.FLAC": None,
+        "train/quiet/c.Wav": _wav(tone[:1]),
+        "train/quiet/broken.wav": b"not audio at all",
+        "train/quiet/notes.txt": b"ignored",
+        "validation/breathe/d.wav": _wav(tone),
+    }
+    for rel, payload in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if payload is None:
+            sf.write(path, tone.T, 16000, format="FLAC")
+        else:
+            path.write_bytes(payload)
+    source = AudioFolder(str(tmp_path))
+    assert source.labels == ("breathe", "quiet", "snore")
+    records = _records(source, "train")
+    assert [(r.clip_id, type(r).__name__) for r in records] == [
+        ("train/quiet/A.FLAC", "Clip"),
+        ("train/quiet/broken.wav", "SkippedClip"),
+        ("train/quiet/c.Wav", "Clip"),
+        ("train/snore/b.wav", "Clip"),
+    ]
+    assert records[1].reason == "corrupt"
+    assert [r.label for r in records] == ["quiet", "quiet", "quiet", "snore"]
+    assert records[0].waveform.shape == (2, 8000) and records[2].waveform.shape == (1, 8000)
+    assert source.size_hint("train") == 4
+    before = source.fingerprint("train")
+    assert source.fingerprint("train") == before
+    (tmp_path / "train/snore/e.wav").write_bytes(_wav(tone))
+    assert source.fingerprint("train") != before
+    with pytest.raises(FileNotFoundError):
+        _records(source, "test")
+
+
+# -- HubAudioDataset (local parquet) --------------------------------------------------
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return datasets
+
+
+def _write_parquet(datasets, path: Path, waves: list[np.ndarray], labels, label_feature) -> None:
+    audio = [
+        {"bytes": _wav(w) if w is not None else b"garbage", "path": f"c{i}.wav"}
+        for i, w in enumerate(waves)
+    ]
+    # Encoding through Audio needs torchcodec; a plain struct cast to Audio does not.
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"audio": struct, "label": label_feature})
+    ds = datasets.Dataset.from_dict({"audio": audio, "label": labels}, features=features)
+    ds = ds.cast_column("audio", datasets.Audio(decode=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(path))
+
+
+def test_hub_audio_dataset_on_local_parquet(tmp_path, datasets_cache):
+    datasets = datasets_cache
+    rng = np.random.default_rng(0)
+    waves = [rng.uniform(-0.5, 0.5, (2, 4000)).astype(np.float32) for _ in range(3)]
+    names = datasets.ClassLabel(names=["quiet", "breathe", "snore"])
+    root = tmp_path / "ds"
+    _write_parquet(
+        datasets,
+        root / "data" / "train-00000-of-00001.parquet",
+        [*waves, None],
+        [2, 0, 1, 0],
+        names,
+    )
+    _write_parquet(datasets, root / "data" / "valid-00000-of-00001.parquet", waves[:1], [1], names)
+    source = HubAudioDataset(str(root), splits={"train": "train", "validation": "valid"})
+    assert source.labels == ("quiet", "breathe", "snore")
+    records = _records(source, "train")
+    assert [type(r).__name__ for r in records] == ["Clip", "Clip", "Clip", "SkippedClip"]
+    assert [r.label for r in records] == ["snore", "quiet", "breathe", "quiet"]
+    assert records[3].reason == "corrupt"
+    assert records[0].clip_id == "train/0/c0.wav"
+    for clip, wave in zip(records[:3], waves, strict=True):
+        assert clip.sample_rate == 16000 and clip.waveform.dtype == np.float32
+        np.testing.assert_allclose(clip.waveform, wave, atol=1 / 32768)
+    assert [r.label for r in _records(source, "validation")] == ["breathe"]
+    assert source.size_hint("train") == 4
+    assert source.fingerprint("train") == HubAudioDataset(str(root)).fingerprint("train")
+    with pytest.raises(FileNotFoundError):
+        HubAudioDataset(str(root)).size_hint("test")
+
+
+def test_hub_audio_dataset_with_string_labels(tmp_path, datasets_cache):
+    datasets = datasets_cache
+    wave = np.zeros((1, 1600), np.float32)
+    root = tmp_path / "ds"
+    _write_parquet(
+        datasets, root / "train.parquet", [wave, wave], ["snore", "cough"], datasets.Value("string")
+    )
+    source = HubAudioDataset(str(root), splits={"train": "train"})
+    assert source.labels == ("cough", "snore")
+    assert [r.label for r in _records(source, "train")] == ["snore", "cough"]
+
+
+# -- Synthetic ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[tuple[dict, np.ndarray]]:
+    """Parameters and audio of 400 clips of another seed, for statistical properties."""
+    source = Synthetic(seed=11, clips_per_split={"train": 400})
+    return [
+        (source.describe("train", i), c.waveform) for i, c in enumerate(source.iter_clips("train"))
+    ]
+
+
+def test_synthetic_is_deterministic_and_order_free(corpus):
+    first = [c.waveform for c in corpus.iter_clips("validation")]
+    again = Synthetic(seed=3, clips_per_split=COUNTS)
+    # A clip alone, before any other of its split, equals the same clip in a full pass.
+    np.testing.assert_array_equal(again.synthesize("validation", 4).waveform, first[4])
+    np.testing.assert_array_equal(again.synthesize("validation", 0).waveform, first[0])
+    other = Synthetic(seed=5, clips_per_split=COUNTS)
+    assert not np.allclose(other.synthesize("validation", 4).waveform, first[4])
+    assert not np.allclose(corpus.synthesize("test", 4).waveform, first[4])
+    assert corpus.fingerprint("train") != other.fingerprint("train")
+
+
+def test_synthetic_clip_format(corpus):
+    clips = _records(corpus, "train")
+    assert len(clips) == COUNTS["train"] == corpus.size_hint("train")
+    for clip in clips:
+        assert isinstance(clip, Clip) and clip.split == "train"
+        assert clip.waveform.dtype == np.float32 and clip.waveform.shape == (2, 16000)
+        assert clip.sample_rate == 16000 and clip.label in corpus.labels
+        assert check_waveform(clip.waveform, clip.sample_rate) is None
+        assert np.abs(clip.waveform).max() < 1.0
+    assert set(corpus.labels) <= set(DREAMCATCHER_LABELS)
+
+
+def _level_db(x: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) + 1e-20))
+
+
+def test_synthetic_classes_follow_their_weights(sample):
+    labels = Counter(info["label"] for info, _ in sample)
+    order = [label for label, _ in labels.most_common()]
+    assert order == ["quiet", "breathe", "snore", "non_wearer"]  # weights .4 .3 .2 .1
+
+
+def test_partner_is_louder_outside_and_wearer_inside(sample):
+    ratio: dict[str, list[float]] = {"quiet": [], "partner": [], "wearer": []}
+    for info, wave in sample:
+        if info["label"] != "quiet" and info["snr_db"] < 10:
+            continue
+        key = {"quiet": "quiet", "non_wearer": "partner"}.get(info["label"], "wearer")
+        ratio[key].append(_level_db(wave[1]) - _level_db(wave[0]))  # outer minus in-ear
+    quiet, partner, wearer = (np.median(ratio[k]) for k in ("quiet", "partner", "wearer"))
+    assert partner > 0 and partner > quiet + 3
+    assert wearer < quiet - 3
+
+
+def test_snore_has_energy_at_its_pulse_fundamental(sample):
+    ratios = []
+    for info, wave in sample:
+        if info["label"] != "snore" or info["snr_db"] < 10:
+            continue
+        inear = wave[0].astype(np.float64)
+        power = np.abs(np.fft.rfft(inear * np.hanning(inear.size))) ** 2  # 1 Hz bins
+        f0 = info["f0_hz"]
+        peak = power[int(f0 * 0.9) : int(f0 * 1.1) + 2].max()
+        between = np.median(power[int(f0 * 1.35) : int(f0 * 1.65) + 1])
+        ratios.append(peak / between)
+    assert len(ratios) >= 10
+    assert np.median(ratios) > 10
+
+
+def test_breathing_is_modulated_and_quiet_is_steady(sample):
+    def modulation(wave: np.ndarray) -> float:
+        frames = wave[0, :16000].reshape(20, 800).astype(np.float64)
+        level = 10 * np.log10(np.mean(frames**2, axis=1))
+        return float(level.max() - level.min())
+
+    spread: dict[str, list[float]] = {"quiet": [], "breathe": []}
+    for info, wave in sample:
+        if info["label"] == "quiet" or (info["label"] == "breathe" and info["snr_db"] > 10):
+            spread[info["label"]].append(modulation(wave))
+    assert np.median(spread["breathe"]) > np.median(spread["quiet"]) + 6
