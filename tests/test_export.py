@@ -1,0 +1,370 @@
+"""util.export: ONNX that matches PyTorch on dynamic axes, INT8 that still classifies, loud failures."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+from torch import nn
+
+from data.cache import build_cache, open_cache
+from data.datamodule import SleepSoundDataModule
+from data.features import LogMelFrontEnd
+from data.sources.synthetic import Synthetic
+from models.backbones import Backbone
+from models.classifier import Classifier
+from models.distillation import DistillationClassifier
+from util import export as ex
+
+CLASSES = ["quiet", "breathe", "snore"]
+NATIVE = (2, 64, 101)
+CLIPS = {"train": 480, "validation": 160, "test": 160}
+SEED = 3
+TOL = 1e-4
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def cli_style(cls: type, backbone: str, backbone_args: dict[str, Any] | None = None, **kwargs: Any):
+    """Build ``cls`` as LightningCLI does, so its checkpoint carries ``_class_path``/``_instantiator``."""
+    backbone_args = backbone_args or {}
+    module, name = backbone.rsplit(".", 1)
+    factory = functools.partial(getattr(importlib.import_module(module), name), **backbone_args)
+    defaults = {
+        n: p.default
+        for klass in (Classifier, cls)
+        for n, p in inspect.signature(klass.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    hparams = {
+        "_class_path": f"{cls.__module__}.{cls.__qualname__}",
+        **defaults,
+        "backbone": {"class_path": backbone, "init_args": backbone_args},
+        **kwargs,
+    }
+    with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
+        return cls(backbone=factory, **kwargs)
+
+
+def native_classifier(backbone: str = "models.backbones.TinyCNN", **kwargs: Any) -> Classifier:
+    """An untrained native-input classifier with non-trivial band statistics."""
+    model = cli_style(
+        Classifier,
+        backbone,
+        num_classes=3,
+        in_channels=2,
+        class_names=CLASSES,
+        input_shape=list(NATIVE),
+        **kwargs,
+    )
+    g = torch.Generator().manual_seed(0)
+    model.band_mean.copy_(torch.randn(model.band_mean.shape, generator=g) - 6)
+    model.band_std.copy_(torch.rand(model.band_std.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: pl.LightningModule, path: Path, trainer: pl.Trainer | None = None
+) -> Path:
+    if trainer is None:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=0,
+                             enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+        trainer.strategy.connect(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def data_section(cache_dir: Path) -> dict[str, Any]:
+    """The ``data`` section of a run config over the small synthetic corpus."""
+    return {
+        "source": {
+            "class_path": "data.sources.synthetic.Synthetic",
+            "init_args": {"seed": SEED, "clips_per_split": CLIPS},
+        },
+        "features": {
+            "class_path": "data.features.LogMelFrontEnd",
+            "init_args": {"preset": "native"},
+        },
+        "classes": CLASSES,
+        "cache_dir": str(cache_dir),
+        "batch_size": 32,
+        "progress": False,
+    }
+
+
+def make_run(root: Path, model: pl.LightningModule, cache_dir: Path, trainer=None) -> Path:
+    """A LightningCLI-like run folder: ``config.yaml`` beside ``checkpoints/model.ckpt``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({"data": data_section(cache_dir)}))
+    return save_checkpoint(model, root / "checkpoints" / "model.ckpt", trainer)
+
+
+def random_batches(shapes: list[tuple[int, ...]], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(s) * 2 - 6).astype(np.float32) for s in shapes]
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Caches of the small synthetic corpus (train/validation/test), built once."""
+    folder = tmp_path_factory.mktemp("cache")
+    dm = SleepSoundDataModule(**{**data_section(folder), "source": _synthetic(), "features": None})
+    dm.prepare_data()
+    return folder
+
+
+def _synthetic() -> Synthetic:
+    return Synthetic(seed=SEED, clips_per_split=CLIPS)
+
+
+@pytest.fixture(scope="module")
+def tinycnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Path]:
+    """An untrained TinyCNN classifier and its fp32 ONNX export."""
+    model = native_classifier()
+    path = ex.export_onnx(model, tmp_path_factory.mktemp("onnx") / "tinycnn.onnx", NATIVE)
+    return model, path
+
+
+# -- the fp32 export ----------------------------------------------------------------------
+
+
+def test_onnx_matches_pytorch_at_two_batch_sizes_and_lengths(tinycnn) -> None:
+    model, path = tinycnn
+    session = ex.ort_session(path)
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.shape) == ("features", ["batch", 2, 64, "time"])
+    assert (out.name, out.shape) == ("logits", ["batch", 3])
+    for batch in random_batches([(1, 2, 64, 101), (6, 2, 64, 57)]):
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(batch)).numpy()
+        got = session.run(None, {"features": batch})[0]
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= TOL
+    # the standardisation is inside the graph: raw features in, same logits out
+    assert model.normalize and not torch.all(model.band_mean == 0)
+
+
+def test_parity_check_fails_loudly_with_the_measured_difference(tinycnn) -> None:
+    _, path = tinycnn
+    other = native_classifier()  # same architecture, other random weights
+    with pytest.raises(ex.ParityError) as info:
+        ex.check_parity(other, ex.ort_session(path), random_batches([(2, 2, 64, 101)]), TOL)
+    assert info.value.max_abs_diff > TOL
+    assert f"{info.value.max_abs_diff:.3g}" in str(info.value)
+
+
+def test_crnn_exports_with_dynamic_time(tmp_path: Path) -> None:
+    """The GRU becomes ONNX GRU nodes and follows any time length."""
+    model = native_classifier("models.backbones.CRNN")
+    path = ex.export_onnx(model, tmp_path / "crnn.onnx", NATIVE)
+    assert "GRU" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    stats = ex.check_parity(
+        model, ex.ort_session(path), random_batches([(1, 2, 64, 101), (3, 2, 64, 40)]), TOL
+    )
+    assert stats["clips"] == 4
+
+
+class CumMaxBackbone(Backbone):
+    """A backbone with an operator (cummax) the ONNX exporter cannot translate."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__(in_channels, num_classes)
+        self.head = nn.Linear(in_channels, num_classes)
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = torch.cummax(x, dim=3).values
+        return self.head(x.mean(dim=(2, 3))), [x]
+
+
+def test_unexportable_backbone_names_operator_and_backbone(tmp_path: Path) -> None:
+    model = Classifier(backbone=CumMaxBackbone, num_classes=3, in_channels=2, input_shape=NATIVE)
+    with pytest.raises(ex.UnsupportedOperatorError) as info:
+        ex.export_onnx(model, tmp_path / "bad.onnx", NATIVE)
+    assert info.value.operator == "aten.cummax.default"
+    assert info.value.backbone == "CumMaxBackbone"
+    assert "aten.cummax.default" in str(info.value) and "CumMaxBackbone" in str(info.value)
+
+
+# -- caches, calibration, students ------------------------------------------------------
+
+
+def test_calibration_cache_with_other_features_is_refused(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = make_run(tmp_path / "run", native_classifier(), cache_dir)
+    other = LogMelFrontEnd(eps=1e-3)  # same shape, other features
+    ours = LogMelFrontEnd().config_hash()
+    assert other.config_hash() != ours
+    bad = build_cache(_synthetic(), "validation", other, CLASSES, cache_dir=tmp_path / "other",
+                      progress=False)  # fmt: skip
+    with pytest.raises(ex.FeatureMismatchError) as info:
+        ex.export_checkpoint(ckpt, calib_cache=bad, progress=False)
+    assert other.config_hash() in str(info.value) and ours in str(info.value)
+    assert not (tmp_path / "run" / "export").exists()  # refused before exporting anything
+    # the CLI says the same on stderr and exits non-zero
+    assert ex.main(["--ckpt_path", str(ckpt), "--calib_cache", str(bad), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "export failed" in err and other.config_hash() in err and ours in err
+
+
+def test_kd_student_exports_without_its_teacher(tmp_path: Path, cache_dir: Path) -> None:
+    """A student checkpoint whose teacher file does not exist exports like a classifier."""
+    student = cli_style(
+        DistillationClassifier,
+        "models.backbones.TinyCNN",
+        teacher_checkpoint=str(tmp_path / "gone" / "teacher.ckpt"),
+        num_classes=3,
+        in_channels=2,
+        class_names=CLASSES,
+        input_shape=list(NATIVE),
+    )
+    ckpt = make_run(tmp_path / "run", student, cache_dir)
+    loaded = ex.load_classifier(ckpt)
+    assert type(loaded) is DistillationClassifier
+    report = ex.export_checkpoint(ckpt, out=tmp_path / "out", parity_clips=64, progress=False)
+    assert report["model_class"] == "models.distillation.DistillationClassifier"
+    assert report["parity"]["max_abs_diff"] <= TOL
+    assert json.loads((tmp_path / "out" / ex.REPORT_NAME).read_text())["backbone"] == "TinyCNN"
+
+
+# -- INT8 on a trained model ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one thread: on a loaded 2-core machine two OpenMP threads run 5x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def synthetic_dm(cache_dir: Path, **overrides: Any) -> SleepSoundDataModule:
+    section = {**data_section(cache_dir), "source": _synthetic(), "features": None}
+    return SleepSoundDataModule(**{**section, "in_memory": True, **overrides})
+
+
+def fit_head(model: Classifier, dm: SleepSoundDataModule, steps: int = 300) -> Classifier:
+    """Train only the linear head of a TinyCNN on the train split: seconds, not minutes.
+
+    The random conv trunk is a fixed random-feature extractor. Its last conv's output
+    channels are rescaled to unit variance of their pooled features (ReLU commutes
+    with a positive scale), so that, as after real training, no channel's signal
+    hides below another's int8 step; then a class-weighted logistic regression on the
+    centred features becomes the head. Test macro-F1 is about 0.74 (chance: 0.33).
+    """
+    dm.setup("fit")
+    mean, std = dm.feature_stats
+    model.band_mean.copy_(mean.reshape_as(model.band_mean))
+    model.band_std.copy_(std.reshape_as(model.band_std).clamp_min(1e-5))
+    split = dm._dataset("train")
+    x, y = torch.from_numpy(split.features).float(), split.labels
+
+    def pooled() -> torch.Tensor:
+        with torch.no_grad():
+            return model.backbone.trunk(model.standardize(x))[0].mean(dim=(2, 3))
+
+    sd = pooled().std(0)
+    scale = torch.where(sd > 1e-4, sd, torch.ones_like(sd))  # dead channels stay as they are
+    conv = model.backbone.blocks[-1].conv
+    with torch.no_grad():
+        conv.weight.div_(scale[:, None, None, None])
+        conv.bias.div_(scale)
+    feats = pooled()
+    mu = feats.mean(0)
+    head = nn.Linear(feats.shape[1], model.num_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(feats - mu), y, weight=dm.class_weights).backward()
+        opt.step()
+    with torch.no_grad():
+        model.backbone.head.weight.copy_(head.weight)
+        model.backbone.head.bias.copy_(head.bias - head.weight @ mu)
+    return model.eval()
+
+
+def test_int8_is_smaller_and_still_classifies(tmp_path: Path, cache_dir: Path) -> None:
+    """Fast: a TinyCNN with a fitted head, exported and quantised, scored on the test split."""
+    torch.manual_seed(0)
+    with one_thread():
+        model = fit_head(native_classifier(), synthetic_dm(cache_dir))
+    ckpt = make_run(tmp_path / "run", model, cache_dir)
+    report = ex.export_checkpoint(ckpt, int8=True, progress=False)
+    files, test = report["files"], report["test"]
+    assert files["int8"]["bytes"] < 0.5 * files["fp32"]["bytes"]
+    assert test["clips"] == open_cache(test["cache"]).n_rows  # every test clip scored
+    # chance macro-F1 for three classes is about 0.33; this model reaches about 0.74
+    assert test["fp32"]["f1_macro"] > 0.6
+    assert test["int8"]["f1_macro"] > 0.6
+    assert abs(test["fp32"]["f1_macro"] - test["int8"]["f1_macro"]) < 0.05
+    assert report["calibration"]["clips"] == open_cache(report["calibration"]["cache"]).n_rows
+    assert ex.ort_session(files["int8"]["path"]).get_inputs()[0].shape == ["batch", 2, 64, "time"]
+
+
+@pytest.mark.slow
+def test_lightning_trained_tinycnn_exports_through_the_cli(tmp_path: Path, cache_dir: Path) -> None:
+    """Train a TinyCNN with Lightning, then ``python -m util.export --int8`` on its run folder."""
+    pl.seed_everything(0, workers=True)
+    model = native_classifier(freq_mask=0, time_mask=0)
+    model.optimizer_factory = lambda params: torch.optim.Adam(params, lr=3e-3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with one_thread():
+        trainer.fit(model, synthetic_dm(cache_dir, batch_size=16))
+    ckpt = make_run(tmp_path / "run", model, cache_dir, trainer)
+    assert ex.main(["--ckpt_path", str(ckpt), "--int8", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "export" / ex.REPORT_NAME).read_text())
+    files, test = report["files"], report["test"]
+    assert files["int8"]["bytes"] < 0.5 * files["fp32"]["bytes"]
+    assert report["parity"]["max_abs_diff"] <= TOL
+    assert test["fp32"]["f1_macro"] > 0.7  # about 0.83 after 8 epochs
+    assert test["fp32"]["f1_macro"] - test["int8"]["f1_macro"] < 0.03
+
+
+def test_int8_quantization_keeps_dynamic_axes_and_stays_close(tinycnn, tmp_path: Path) -> None:
+    """An untrained model calibrated on random features: QDQ graph, metadata, dynamic axes."""
+    model, fp32 = tinycnn
+    reader = ex.CalibrationReader(lambda: iter(random_batches([(8, 2, 64, 101)] * 4, seed=1)))
+    int8 = ex.quantize_int8(fp32, tmp_path / "tinycnn.int8.onnx", reader)
+    graph = onnx.load(str(int8))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["earsleep.quantization"] == "static int8 QDQ"
+    assert json.loads(meta["earsleep.class_names"]) == CLASSES
+    session = ex.ort_session(int8)
+    for batch in random_batches([(1, 2, 64, 101), (5, 2, 64, 64)], seed=2):
+        got = session.run(None, {"features": batch})[0]
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(batch)).numpy()
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 0.1 * (np.abs(ref).max() + 1e-3) + 0.02
