@@ -312,7 +312,8 @@ def test_int8_is_smaller_and_still_classifies(tmp_path: Path, cache_dir: Path) -
     ckpt = make_run(tmp_path / "run", model, cache_dir)
     report = ex.export_checkpoint(ckpt, int8=True, progress=False)
     files, test = report["files"], report["test"]
-    assert files["int8"]["bytes"] < 0.5 * files["fp32"]["bytes"]
+    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics add ~5%
+    assert files["int8"]["bytes"] < 0.32 * files["fp32"]["bytes"]
     assert test["clips"] == open_cache(test["cache"]).n_rows  # every test clip scored
     # chance macro-F1 for three classes is about 0.33; this model reaches about 0.74
     assert test["fp32"]["f1_macro"] > 0.6
@@ -345,7 +346,8 @@ def test_lightning_trained_tinycnn_exports_through_the_cli(tmp_path: Path, cache
     assert ex.main(["--ckpt_path", str(ckpt), "--int8", "--no-progress"]) == 0
     report = json.loads((tmp_path / "run" / "export" / ex.REPORT_NAME).read_text())
     files, test = report["files"], report["test"]
-    assert files["int8"]["bytes"] < 0.5 * files["fp32"]["bytes"]
+    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics add ~5%
+    assert files["int8"]["bytes"] < 0.32 * files["fp32"]["bytes"]
     assert report["parity"]["max_abs_diff"] <= TOL
     assert test["fp32"]["f1_macro"] > 0.7  # about 0.83 after 8 epochs
     assert test["fp32"]["f1_macro"] - test["int8"]["f1_macro"] < 0.03

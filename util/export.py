@@ -440,6 +440,37 @@ def strip_debug_info(proto: onnx.ModelProto) -> None:
             node.doc_string = ""
 
 
+def compact(proto: onnx.ModelProto) -> None:
+    """Shrink a graph's bookkeeping in place: short tensor and node ids, no shape hints.
+
+    A QDQ graph spells every tensor name out up to four times (weights, scales, zero
+    points, the Q/DQ pair), so long exporter names are a large share of a tiny int8
+    file. Graph inputs and outputs keep their names; the fp32 file keeps all of them,
+    for reading the graph. Inner shape annotations (``value_info``, which ONNX Runtime
+    infers again) and opset imports of domains no node uses are dropped too.
+    """
+    graph = proto.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}"
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del graph.value_info[:]
+    used = {node.domain for node in graph.node} | {""}
+    unused = [o for o in proto.opset_import if o.domain not in used]
+    for opset in unused:
+        proto.opset_import.remove(opset)
+
+
 def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():
@@ -593,6 +624,7 @@ def quantize_int8(
     metadata = {p.key: p.value for p in source.metadata_props}
     proto = onnx.load(str(int8_path))
     strip_debug_info(proto)
+    compact(proto)
     _set_metadata(proto, {**metadata, "earsleep.quantization": "static int8 QDQ"})
     onnx.save(proto, str(int8_path))
     return int8_path
