@@ -32,6 +32,8 @@ SKIP_REASONS: dict[str, str] = {
 REPAIRS: dict[str, str] = {
     "resampled": "sample rate differed from the front end's; resampled",
     "mono": "one channel where the front end wants two; the channel is duplicated",
+    "padded": "shorter than the front end's clip length; zero-padded at the end",
+    "cropped": "longer than the front end's clip length; the start is kept",
 }
 
 

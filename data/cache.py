@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data.audio import check_waveform, resample
+from data.audio import REPAIRS, check_waveform, resample
 from data.features import LogMelFrontEnd
 from data.sources.base import Clip, SkippedClip, Source
 
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_CLASSES: tuple[str, ...] = ("quiet", "breathe", "snore")
 #: Repairs counted in ``repair_counts`` (always present, possibly zero).
-REPAIR_NAMES: tuple[str, ...] = ("resampled", "mono", "padded", "cropped")
+REPAIR_NAMES: tuple[str, ...] = tuple(REPAIRS)
 PARTIAL_SUFFIX = ".partial"
 #: Rows per HDF5 chunk of ``features`` (see the module docstring).
 ROWS_PER_CHUNK = 1
