@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data.datamodule import SleepSoundDataModule
 from models.classifier import Classifier
-from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, RunArtifacts
+from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, NightWriter, RunArtifacts
 
 DEFAULTS = Path(__file__).resolve().parent / "config" / "defaults.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -33,6 +33,7 @@ class EarSleepCLI(LightningCLI):
         parser.add_lightning_class_args(ConfusionMatrixLogger, "confusion")
         parser.add_lightning_class_args(LatencyProfiler, "latency")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.add_lightning_class_args(NightWriter, "night")
         parser.set_defaults(
             {
                 "early_stopping.monitor": "val/f1_macro",
@@ -77,7 +78,9 @@ class EarSleepCLI(LightningCLI):
 
 def _class_name(spec: object) -> str | None:
     """Class name of a ``class_path`` spec (Namespace or dict) or of a class."""
-    path = getattr(spec, "class_path", None) or (spec.get("class_path") if isinstance(spec, dict) else None)
+    path = getattr(spec, "class_path", None) or (
+        spec.get("class_path") if isinstance(spec, dict) else None
+    )
     if path:
         return str(path).rsplit(".", 1)[-1]
     return getattr(spec, "__name__", None)

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import lightning as L
@@ -25,6 +25,7 @@ from data.cache import (
     verify,
 )
 from data.features import LogMelFrontEnd
+from data.recording import RecordingWindows
 from data.sources.base import SPLITS, Source
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,13 @@ class SleepSoundDataModule(L.LightningDataModule):
         class_weights: one loss weight per class, overriding the inverse-frequency
             weights computed from the train counts.
         progress: show a progress bar while building caches.
+        predict_audio: long recordings to analyse with ``predict`` instead of the
+            cached test split: a WAV/FLAC file, a folder (searched recursively) or a
+            glob. They are streamed in blocks, never loaded whole, and need no cache.
+        predict_hop_s: seconds between the starts of consecutive analysis windows
+            (each window is the front end's clip length).
+        predict_extra_channels: recordings with more than two channels: ``error``
+            refuses them, ``first_two`` uses channels 0 and 1 (in-ear, outer).
     """
 
     def __init__(
@@ -136,6 +144,9 @@ class SleepSoundDataModule(L.LightningDataModule):
         min_duration_s: float = 0.25,
         class_weights: Sequence[float] | None = None,
         progress: bool = True,
+        predict_audio: str | None = None,
+        predict_hop_s: float = 0.5,
+        predict_extra_channels: Literal["error", "first_two"] = "error",
     ) -> None:
         super().__init__()
         if source is None:
@@ -158,6 +169,9 @@ class SleepSoundDataModule(L.LightningDataModule):
         self.in_memory = in_memory
         self.min_duration_s = float(min_duration_s)
         self.progress = progress
+        self.predict_audio = predict_audio
+        self.predict_hop_s = predict_hop_s
+        self.predict_extra_channels = predict_extra_channels
         self._class_weights_override = None if class_weights is None else list(class_weights)
         # No save_hyperparameters(): LightningCLI records the config, fingerprint() the data,
         # and keys shared with the model's hparams (class_weights) would clash when merged.
@@ -193,6 +207,8 @@ class SleepSoundDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the cache of every split that has none (resuming an interrupted build)."""
+        if self.predict_audio is not None and getattr(self.trainer, "predicting", False):
+            return  # recordings are streamed: no cache needed
         for split in SPLITS:
             build_cache(
                 self.source,
@@ -206,6 +222,8 @@ class SleepSoundDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open and verify the caches ``stage`` reads, plus train's for weights and statistics."""
+        if stage == "predict" and self.predict_audio is not None:
+            return  # recordings are streamed; the checkpoint carries the band statistics
         self._load_info("train")
         for split in _STAGE_SPLITS.get(stage, SPLITS):
             self._dataset(split)
@@ -236,8 +254,17 @@ class SleepSoundDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of the test split, in cache order."""
-        return self._loader("test", shuffle=False)
+        """Windows of ``predict_audio`` recordings, or else batches of the test split."""
+        if self.predict_audio is None:
+            return self._loader("test", shuffle=False)
+        windows = RecordingWindows(
+            self.predict_audio,
+            self.features,
+            hop_s=self.predict_hop_s,
+            batch_size=self.batch_size,
+            extra_channels=self.predict_extra_channels,
+        )
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
 
     # -- provenance -----------------------------------------------------------------
 

@@ -17,8 +17,10 @@ can hold the whole variety.
 (its noise banks, breathing, snoring and cough generators), so a model trained on
 that corpus hears the same sounds here. What the night adds is continuity: one
 room for the whole night (level drifting slowly within ±3 dB around a level drawn
-in the corpus's range), a breathing rhythm whose phase runs on across seconds, and
-a signal-to-noise ratio per segment (5-20 dB, inside the corpus's -10..25 dB).
+in the corpus's range; its noise colour drawn like the corpus's but with less white
+noise, since bedrooms hum more than they hiss), a breathing rhythm whose phase
+runs on across seconds, and a signal-to-noise ratio per segment (5-20 dB, inside
+the corpus's -10..25 dB).
 Each second of an event is rendered by the primitives with its own draws (voice,
 channel gains) like one training clip and joined to the next with a 64 ms
 equal-power crossfade.
@@ -243,7 +245,9 @@ class _Room:
         self.bank, self.span = bank, span
         self.room_db = float(rng.uniform(-60.0, -45.0))
         self.drift = rng.uniform(0.0, 2 * np.pi)
-        colour = rng.standard_exponential(3)
+        # White, pink, brown weights as the corpus draws them, with less white: a
+        # bedroom hums (ventilation, traffic) more than it hisses.
+        colour = rng.standard_exponential(3) * np.array([0.3, 1.0, 1.0])
         self.colour = colour / np.sqrt(np.sum(colour**2))
         self.self_noise = float(_db(rng.uniform(-88.0, -78.0)))
         self.occlusion_db = float(rng.uniform(6.0, 16.0))
@@ -303,7 +307,8 @@ def write_night(
         seed: one seed for the plan and the sound; the same seed gives the same file.
         scale: factor on every segment duration (see :func:`night_plan`).
         sample_rate: samples per second (the models expect 16000).
-        subtype: soundfile subtype (``PCM_16`` keeps 8 h of two channels under 1 GB).
+        subtype: soundfile subtype (``PCM_16``: 8 h of two channels is 1.8 GB as WAV;
+            a ``.flac`` name gives a smaller file, written more slowly).
         truth: the ground-truth CSV; default ``out`` with suffix ``.csv``.
 
     Returns:

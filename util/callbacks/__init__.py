@@ -1,7 +1,8 @@
-"""Lightning callbacks: confusion matrices, latency profiling, run artifacts."""
+"""Lightning callbacks: confusion matrices, latency profiling, run artifacts, night reports."""
 
 from util.callbacks.artifacts import RunArtifacts
 from util.callbacks.confusion import ConfusionMatrixLogger
 from util.callbacks.latency import LatencyProfiler
+from util.callbacks.night import NightWriter
 
-__all__ = ["ConfusionMatrixLogger", "LatencyProfiler", "RunArtifacts"]
+__all__ = ["ConfusionMatrixLogger", "LatencyProfiler", "NightWriter", "RunArtifacts"]

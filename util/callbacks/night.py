@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from data.recording import keep_heap_flat
 from util.night import (
     PerClass,
     detect_events,
@@ -47,12 +48,37 @@ INDEX_COLUMNS = (
 
 
 class _Open:
-    """Window probabilities of one recording being received."""
+    """Window probabilities of one recording being received, placed by window index.
+
+    One buffer that doubles when full: a night is a few hundred kB, and a handful of
+    large allocations (rather than one small array per batch, each pinning freed
+    heap memory above it) keeps the process's memory flat over a long night.
+    """
 
     def __init__(self) -> None:
-        self.index: list[np.ndarray] = []
-        self.probs: list[np.ndarray] = []
+        self.probs = np.zeros((0, 0), np.float32)
+        self.count = 0  # windows received
+        self.end = 0  # one past the highest window index received
         self.info: dict[str, Any] = {}
+
+    def add(self, first: int, probs: np.ndarray) -> None:
+        end = first + len(probs)
+        if self.count == 0:
+            self.probs = np.zeros((max(4096, end), probs.shape[1]), np.float32)
+        elif end > len(self.probs):
+            grown = np.zeros((max(2 * len(self.probs), end), probs.shape[1]), np.float32)
+            grown[: len(self.probs)] = self.probs
+            self.probs = grown
+        self.probs[first:end] = probs
+        self.count += len(probs)
+        self.end = max(self.end, end)
+
+    def result(self, key: str) -> np.ndarray:
+        if self.count != self.end:
+            raise RuntimeError(
+                f"{key}: received {self.count} windows for indices 0..{self.end - 1}"
+            )
+        return self.probs[: self.end]
 
 
 class NightWriter(BasePredictionWriter):
@@ -87,8 +113,14 @@ class NightWriter(BasePredictionWriter):
         off_threshold: probability an event stays above (hysteresis "off").
         min_duration_s: events shorter than this, after merging, are dropped.
         merge_gap_s: events of one class closer than this are merged; snoring
-            comes once per breath, so a gap of a few breaths keeps a bout whole.
+            comes once per breath, so a gap of about a breath keeps a bout whole.
         background: classes that never make events (their time is the rest).
+        exclusive: one event at a time: where events of two classes overlap, the
+            class first in ``priority`` keeps the time and the other is cut there
+            (snoring is breathing too; without this a snore bout's exhalations
+            make breathing events across it).
+        priority: classes that win overlaps, first first; the others follow in
+            class order.
         snore_label: the class whose episodes the summary counts.
         plot: write ``timeline.png``.
         plot_points: most time bins in the plot (the night is averaged into them).
@@ -98,11 +130,13 @@ class NightWriter(BasePredictionWriter):
         self,
         output_dir: str = "predictions",
         median_windows: int = 5,
-        on_threshold: PerClass = 0.5,
-        off_threshold: PerClass = 0.3,
+        on_threshold: PerClass = 0.6,
+        off_threshold: PerClass = 0.4,
         min_duration_s: PerClass = 3.0,
         merge_gap_s: PerClass = 10.0,
         background: Sequence[str] = ("quiet",),
+        exclusive: bool = True,
+        priority: Sequence[str] = ("snore",),
         snore_label: str = "snore",
         plot: bool = True,
         plot_points: int = 1600,
@@ -117,6 +151,8 @@ class NightWriter(BasePredictionWriter):
         self.min_duration_s = min_duration_s
         self.merge_gap_s = merge_gap_s
         self.background = tuple(background)
+        self.exclusive = bool(exclusive)
+        self.priority = tuple(priority)
         self.snore_label = snore_label
         self.plot = plot
         self.plot_points = int(plot_points)
@@ -133,6 +169,7 @@ class NightWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
+        keep_heap_flat()  # the model's process: hours of batches must not grow the heap
         names = list(getattr(pl_module, "class_names", []) or [])
         for label in names:  # fail before hours of inference, not after
             if label not in self.background:
@@ -162,8 +199,8 @@ class NightWriter(BasePredictionWriter):
         rec = self._open.setdefault(key, _Open())
         probs = torch.as_tensor(prediction).detach().float().cpu().numpy()
         if len(probs):
-            rec.index.append(torch.as_tensor(batch["index"]).cpu().numpy())
-            rec.probs.append(probs)
+            index = batch["index"]  # consecutive window indices
+            rec.add(int(index[0]), probs)
         if batch.get("last"):
             rec.info = dict(batch.get("info") or {})
             del self._open[key]
@@ -187,7 +224,11 @@ class NightWriter(BasePredictionWriter):
         failed = sum(1 for r in self._rows if r["status"] != "ok")
         rank_zero_info(
             f"night: {len(self._rows)} recording(s) written to {self.output_dir}"
-            + (f"; {failed} with problems, see {self.output_dir / f'errors{suffix}.json'}" if failed else "")
+            + (
+                f"; {failed} with problems, see {self.output_dir / f'errors{suffix}.json'}"
+                if failed
+                else ""
+            )
         )
 
     # -- one recording --------------------------------------------------------------
@@ -207,12 +248,7 @@ class NightWriter(BasePredictionWriter):
         if status == "error":
             self._rows.append(row)
             return
-        if rec.probs:
-            index = np.concatenate(rec.index)
-            order = np.argsort(index, kind="stable")
-            probs = np.concatenate(rec.probs)[order]
-        else:
-            probs = np.zeros((0, len(class_names)), np.float32)
+        probs = rec.result(key) if rec.count else np.zeros((0, len(class_names)), np.float32)
         if probs.shape[1] != len(class_names):
             raise ValueError(
                 f"{key}: predictions have {probs.shape[1]} columns for classes {class_names}"
@@ -233,6 +269,8 @@ class NightWriter(BasePredictionWriter):
             self.merge_gap_s,
             self.background,
             smoothed=smoothed,
+            exclusive=self.exclusive,
+            priority=self.priority,
         )
         if self._identity is None:
             self._identity = model_identity(
@@ -298,7 +336,7 @@ class NightWriter(BasePredictionWriter):
             longest_snore_free_min=_fmt(snore.get("longest_snore_free_min")),
         )
         self._rows.append(row)
-        if snore.get("episodes") is not None:
+        if snore.get("episodes_per_hour") is not None:
             rank_zero_info(
                 f"night: {key}: {_hours(duration_s)}, {self.snore_label} {snore['minutes']:.1f} min "
                 f"in {snore['episodes']} episodes ({snore['episodes_per_hour']:.2f}/h) -> {out}"
@@ -334,6 +372,8 @@ class NightWriter(BasePredictionWriter):
         return {
             "median_windows": self.median_windows,
             "background": list(self.background),
+            "exclusive": self.exclusive,
+            "priority": list(self.priority),
             "per_class": per_class,
         }
 

@@ -1,0 +1,200 @@
+"""How fast, and in how much memory, a whole night is turned into a snore timeline.
+
+Writes synthetic two-channel 16 kHz nights (8 h and 1 h by default) with
+:mod:`data.sources.night`, then runs the real prediction path on each, every run
+in a fresh process so its peak memory is its own: :class:`data.recording.RecordingWindows`
+(blocks from disk → windows → log-mel front end) → ``DataLoader(batch_size=None)``
+→ ``Trainer.predict`` with a TinyCNN :class:`models.classifier.Classifier` →
+:class:`util.callbacks.night.NightWriter` (events, summary, timeline). Prints the
+real-time factor (recording seconds per wall second) and peak RSS; the two
+lengths show whether memory stays flat as the night grows.
+
+    python benchmarks/night.py                      # 8 h and 1 h, untrained TinyCNN
+    python benchmarks/night.py --ckpt_path best.ckpt --hours 1
+    python benchmarks/night.py --num_workers 1 --threads 1
+
+Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a TinyCNN
+checkpoint of :mod:`models.classifier`) to also see sensible events. Targets on a
+2-core CPU: an 8-hour night in at most 60 s (RTF ≥ 480) under 1 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _rss_now_mb() -> float:
+    """Current resident set size (Linux), for the baseline before any audio is read."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024.0
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One timed prediction over ``args.audio`` in this process; returns the numbers."""
+    import lightning as L
+    import soundfile as sf
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.features import LogMelFrontEnd
+    from data.recording import RecordingWindows
+    from models.classifier import Classifier
+    from util.callbacks.night import NightWriter
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # untrained weights: the same events on every run
+    front_end = LogMelFrontEnd()
+    model = Classifier(num_classes=3, class_names=["quiet", "breathe", "snore"])
+    if args.ckpt_path:
+        ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["state_dict"])
+        names = ckpt.get("hyper_parameters", {}).get("class_names")
+        if names:
+            model.class_names = list(names)
+    dataset = RecordingWindows(
+        args.audio,
+        front_end,
+        hop_s=args.hop_s,
+        batch_size=args.batch_size,
+        channels_last=not args.no_channels_last,
+    )
+    loader = DataLoader(dataset, batch_size=None, num_workers=args.num_workers)
+    writer = NightWriter(output_dir=args.output_dir)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
+    seconds = sf.info(args.audio).duration
+    baseline = _rss_now_mb()  # torch, Lightning and the model loaded; no audio yet
+    t0 = time.perf_counter()
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    trainer.predict(model, loader, return_predictions=False)
+    wall = time.perf_counter() - t0
+    summary = json.loads(next(Path(args.output_dir).glob("*/summary.json")).read_text())
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return {
+        "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime - cpu0,
+        "hours": seconds / 3600.0,
+        "windows": summary["n_windows"],
+        "wall_s": wall,
+        "rtf": seconds / wall,
+        "rss_main_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+        "rss_baseline_mb": baseline,
+        "rss_workers_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if args.num_workers else 0.0,
+        "snore_episodes": summary["snore"]["episodes"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hours", type=float, nargs="+", default=[8.0, 1.0], help="night lengths")
+    parser.add_argument(
+        "--ckpt_path", default=None, help="TinyCNN Classifier checkpoint (optional)"
+    )
+    parser.add_argument("--batch_size", type=int, default=64, help="windows per batch")
+    parser.add_argument("--hop_s", type=float, default=0.5, help="seconds between windows")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--no_channels_last", action="store_true", help="plain memory order")
+    parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
+    parser.add_argument("--audio", default=None, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.audio:  # the child: one measured run, numbers as JSON on the last line
+        print(json.dumps(run_one(args)))
+        return
+
+    from data.sources.night import write_night
+
+    tmp = tempfile.TemporaryDirectory(prefix="night-bench-") if args.workdir is None else None
+    workdir = Path(args.workdir or tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for hours in args.hours:
+        audio = workdir / f"night_{hours:g}h.wav"
+        t0 = time.perf_counter()
+        if not audio.exists():
+            write_night(audio, hours=hours, seed=args.seed)
+        made = time.perf_counter() - t0
+        child = [
+            sys.executable,
+            __file__,
+            "--audio", str(audio),
+            "--output_dir", str(workdir / f"out_{hours:g}h"),
+            "--batch_size", str(args.batch_size),
+            "--hop_s", str(args.hop_s),
+            "--num_workers", str(args.num_workers),
+            "--threads", str(args.threads),
+            "--seed", str(args.seed),
+        ]  # fmt: skip
+        if args.ckpt_path:
+            child += ["--ckpt_path", args.ckpt_path]
+        if args.no_channels_last:
+            child.append("--no_channels_last")
+        res = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
+        if res.returncode:
+            sys.stderr.write(res.stdout + res.stderr)
+            raise SystemExit(f"benchmark run for {hours} h failed")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["generate_s"] = made
+        rows.append(row)
+    load = os.getloadavg()[0]
+    print(
+        f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
+        f"batch {args.batch_size}, hop {args.hop_s} s, workers {args.num_workers}, "
+        f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.1f}"
+    )
+    print(
+        "| night (h) | windows | wall (s) | RTF (x real time) | CPU (s) | RSS before (MB) | "
+        "peak RSS main (MB) | peak RSS workers (MB) | generate night (s) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['hours']:.2f} | {r['windows']} | {r['wall_s']:.1f} | {r['rtf']:.0f} | "
+            f"{r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | {r['rss_main_mb']:.0f} | "
+            f"{r['rss_workers_mb']:.0f} | {r['generate_s']:.1f} |"
+        )
+    print(
+        "CPU (s): user + system time of the prediction, main process and workers; on an "
+        "otherwise idle machine the wall time approaches CPU / cores. RSS before: the main "
+        "process with torch, Lightning and the model loaded, before any audio is read."
+    )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

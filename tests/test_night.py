@@ -1,0 +1,664 @@
+"""Night-long prediction: streaming windows, events, summary, plot, writer, synthetic night."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from data.audio import resample
+from data.features import LogMelFrontEnd
+from data.recording import (
+    BlockResampler,
+    RecordingWindows,
+    find_recordings,
+    load_windows_whole,
+    probe,
+)
+from data.sources.night import night_plan, truth_events, write_night
+from models.classifier import Classifier
+from util.callbacks.night import NightWriter
+from util.night import (
+    Event,
+    detect_events,
+    evaluate_events,
+    format_clock,
+    hysteresis_runs,
+    median_filter,
+    plot_timeline,
+    read_events_csv,
+    resolve,
+    summarize,
+    window_bounds,
+)
+
+CLASSES = ["quiet", "breathe", "snore"]
+SR = 16000
+
+# Lightning says both for every IterableDataset that feeds a prediction writer:
+# __len__ is exact here (computed per process from the headers) and the writer uses
+# the batch's own window indices, not Lightning's sampler indices.
+LIGHTNING_NOISE = [
+    "ignore:Your `IterableDataset` has `__len__` defined:UserWarning",
+    "ignore:Couldn't infer the batch indices:UserWarning",
+    "ignore:.*does not have many workers:UserWarning",
+]
+
+
+def _noise(seconds: float, channels: int = 2, seed: int = 0, sr: int = SR) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.05 * rng.standard_normal((channels, int(round(seconds * sr))))).astype(np.float32)
+
+
+def _write(path: Path, wave: np.ndarray, sr: int = SR, subtype: str = "FLOAT") -> Path:
+    sf.write(str(path), wave.T, sr, subtype=subtype)
+    return path
+
+
+@pytest.fixture(scope="module")
+def front_end() -> LogMelFrontEnd:
+    return LogMelFrontEnd()
+
+
+@pytest.fixture(scope="module")
+def model() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(num_classes=3, class_names=CLASSES).eval()
+
+
+def _trainer(writer: NightWriter) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
+
+
+# -- events from probabilities ----------------------------------------------------
+
+
+def test_events_from_a_constructed_probability_sequence():
+    n, hop, window = 80, 0.5, 1.0
+    probs = np.zeros((n, 3), np.float32)
+    probs[:, 0] = 1.0
+    snore = np.zeros(n, np.float32)
+    snore[10:30] = 0.9
+    snore[15] = 0.2  # a one-window dip below "off": two runs 0.5 s apart, merged
+    snore[40:42] = 0.9  # 1.0 s long: dropped by min_duration_s=2
+    snore[50:60] = 0.4  # above "off" but never reaches "on": no event
+    breathe = np.zeros(n, np.float32)
+    breathe[60:70] = 0.6
+    breathe[70] = 0.35  # stays above "off": extends the event by one window
+    probs[:, 2], probs[:, 1] = snore, breathe
+    probs[:, 0] = 1.0 - snore - breathe
+    duration = 40.3
+    bounds = window_bounds(n, hop, window, duration)
+    assert bounds[0] == 0.0 and bounds[1] == 0.75 and bounds[10] == 5.25 and bounds[-1] == duration
+    events = detect_events(
+        probs,
+        CLASSES,
+        bounds,
+        median_windows=1,
+        on_threshold=0.5,
+        off_threshold=0.3,
+        min_duration_s=2.0,
+        merge_gap_s=3.0,
+    )
+    assert [(e.start_s, e.end_s, e.label) for e in events] == [
+        (5.25, 15.25, "snore"),
+        (30.25, 35.75, "breathe"),
+    ]
+    assert events[0].mean_prob == pytest.approx((19 * 0.9 + 0.2) / 20)
+    assert events[1].mean_prob == pytest.approx((10 * 0.6 + 0.35) / 11)
+    # Without merging the dip splits the bout; a larger min duration then drops the 2.5 s half.
+    split = detect_events(probs, CLASSES, bounds, 1, 0.5, 0.3, 3.0, 0.0)
+    assert [(e.start_s, e.end_s) for e in split if e.label == "snore"] == [(8.25, 15.25)]
+
+
+def test_exclusive_events_give_overlaps_to_the_priority_class():
+    n = 60
+    probs = np.zeros((n, 3), np.float32)
+    probs[10:50, 1] = 0.45  # breathing throughout...
+    probs[12:14, 1] = 0.7
+    probs[20:30, 2] = 0.5  # ...with a snore bout in the middle
+    probs[20:30, 1] = 0.45
+    probs[22, 2] = 0.8
+    probs[:, 0] = 1.0 - probs[:, 1] - probs[:, 2]
+    bounds = window_bounds(n, 0.5, 1.0, 30.25)
+    args = (probs, CLASSES, bounds, 1, 0.6, 0.4, 1.0, 0.0)
+    both = detect_events(*args, exclusive=False)
+    assert [(e.start_s, e.end_s, e.label) for e in both] == [
+        (5.25, 25.25, "breathe"),
+        (10.25, 15.25, "snore"),
+    ]
+    cut = detect_events(*args)  # exclusive, snore first
+    assert [(e.start_s, e.end_s, e.label) for e in cut] == [
+        (5.25, 10.25, "breathe"),
+        (10.25, 15.25, "snore"),
+        (15.25, 25.25, "breathe"),
+    ]
+    # A piece shorter than its class's minimum goes: the 5 s of breathing before the bout.
+    short = detect_events(*args[:6], {"breathe": 5.5, "default": 1.0}, 0.0)
+    assert [e.label for e in short] == ["snore", "breathe"]
+
+
+def test_median_filter_removes_spikes_and_fills_dips():
+    p = np.zeros((11, 1), np.float32)
+    p[3] = 1.0  # lone spike
+    p[6:11] = 1.0
+    p[8] = 0.0  # lone dip
+    out = median_filter(p, 3)[:, 0]
+    assert out.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="odd"):
+        median_filter(p, 4)
+
+
+def test_hysteresis_extends_back_to_where_the_probability_rose_above_off():
+    p = np.array([0.0, 0.35, 0.4, 0.6, 0.4, 0.35, 0.0, 0.45, 0.0])
+    assert hysteresis_runs(p, on=0.5, off=0.3) == [(1, 6)]
+
+
+def test_per_class_options_take_a_number_or_a_mapping_with_default():
+    assert resolve(0.4, "snore", CLASSES, "x") == 0.4
+    assert resolve({"snore": 10.0, "default": 3.0}, "snore", CLASSES, "x") == 10.0
+    assert resolve({"snore": 10.0, "default": 3.0}, "breathe", CLASSES, "x") == 3.0
+    with pytest.raises(ValueError, match="snroe"):
+        resolve({"snroe": 1.0, "default": 3.0}, "snore", CLASSES, "merge_gap_s")
+
+
+def test_summary_numbers():
+    bounds = window_bounds(7200, 0.5, 1.0, 3600.25)  # one hour
+    smoothed = np.tile(np.array([[0.8, 0.1, 0.1]], np.float32), (7200, 1))
+    events = [
+        Event(600.0, 900.0, "snore", 0.9),
+        Event(1500.0, 1560.0, "snore", 0.9),
+        Event(2000.0, 2100.0, "breathe", 0.7),
+    ]
+    s = summarize(events, smoothed, CLASSES, bounds, 3600.25)
+    assert s["duration_h"] == pytest.approx(3600.25 / 3600)
+    assert s["snore"]["episodes"] == 2
+    assert s["snore"]["episodes_per_hour"] == pytest.approx(2 / (3600.25 / 3600))
+    assert s["snore"]["minutes"] == pytest.approx(6.0)
+    assert s["snore"]["longest_episode_min"] == pytest.approx(5.0)
+    assert s["snore"]["longest_snore_free_min"] == pytest.approx((3600.25 - 1560.0) / 60)
+    assert s["event_minutes"]["breathe"] == pytest.approx(100 / 60)
+    assert s["top_class_minutes"]["quiet"] == pytest.approx(3600.25 / 60)
+    assert s["event_counts"] == {"breathe": 1, "snore": 2}
+    no_snore = summarize(events[2:], smoothed[:, :2], CLASSES[:2], bounds, 3600.25)
+    assert no_snore["snore"]["episodes"] is None
+
+
+# -- event-based evaluation -----------------------------------------------------
+
+
+def test_event_evaluation_with_collars_and_one_to_one_matching():
+    ref = [
+        Event(10.0, 20.0, "snore"),
+        Event(100.0, 400.0, "snore"),  # 20 % offset collar: 60 s
+        Event(500.0, 510.0, "snore"),
+        Event(50.0, 60.0, "breathe"),
+    ]
+    est = [
+        Event(11.5, 21.0, "snore"),  # onset 1.5 s late, offset 1 s: hit
+        Event(12.0, 19.0, "snore"),  # second estimate for the same reference: false alarm
+        Event(101.0, 350.0, "snore"),  # offset 50 s early, within 60 s: hit
+        Event(502.5, 510.0, "snore"),  # onset 2.5 s late: miss + false alarm
+        Event(50.0, 60.0, "snore"),  # right time, wrong class
+        Event(49.0, 61.0, "breathe"),
+    ]
+    r = evaluate_events(ref, est)
+    snore = r["per_class"]["snore"]
+    assert (snore["tp"], snore["fp"], snore["fn"]) == (2, 3, 1)
+    assert snore["precision"] == pytest.approx(2 / 5) and snore["recall"] == pytest.approx(2 / 3)
+    assert snore["f1"] == pytest.approx(2 * 2 / (2 * 2 + 3 + 1))
+    assert r["per_class"]["breathe"]["f1"] == 1.0
+    assert (r["micro"]["tp"], r["micro"]["fp"], r["micro"]["fn"]) == (3, 3, 1)
+    onset_only = evaluate_events(ref, est, evaluate_offset=False, labels=["snore"])
+    assert onset_only["per_class"]["snore"]["tp"] == 2
+    assert evaluate_events([], [], labels=["snore"])["per_class"]["snore"]["f1"] is None
+
+
+# -- streaming ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("orig", "new"), [(44100, 16000), (22050, 16000), (8000, 16000), (48000, 16000), (11025, 16000)]
+)
+def test_block_resampling_equals_resampling_the_whole_signal(orig, new):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 30011)).astype(np.float32)
+    r = BlockResampler(orig, new)
+    parts, i = [], 0
+    while i < x.shape[1]:
+        step = int(rng.integers(1, 7000))
+        parts.append(r.push(x[:, i : i + step]))
+        i += step
+    parts.append(r.flush())
+    got = np.concatenate(parts, axis=1)
+    want = resample(x, orig, new)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["stereo_16k", "stereo_44k1", "mono_16k"])
+def test_streaming_windows_equal_the_whole_file(tmp_path, front_end, model, kind):
+    wave = _noise(9.3, seed=2)
+    if kind == "stereo_44k1":
+        path = _write(tmp_path / "a.wav", resample(wave, SR, 44100), 44100)
+    elif kind == "mono_16k":
+        path = _write(tmp_path / "a.flac", wave[:1], subtype="PCM_24")
+    else:
+        path = _write(tmp_path / "a.wav", wave)
+    # Small blocks and batches put block and batch seams everywhere.
+    ds = RecordingWindows(path, front_end, hop_s=0.5, batch_size=4, block_s=0.7)
+    if kind == "mono_16k":
+        with pytest.warns(UserWarning, match="duplicated"):
+            items = list(ds)
+    else:
+        items = list(ds)
+    assert len(items) == len(ds)
+    assert [it["last"] for it in items] == [False] * (len(items) - 1) + [True]
+    x = torch.cat([it["x"] for it in items])
+    starts = torch.cat([it["start_s"] for it in items])
+    index = torch.cat([it["index"] for it in items])
+    ref_x, ref_starts = load_windows_whole(path, front_end, hop_s=0.5)
+    assert x.shape == ref_x.shape == (17, 2, 64, 101)
+    assert items[-1]["n_windows"] == 17 and items[-1]["info"]["status"] == "ok"
+    assert index.tolist() == list(range(17))
+    torch.testing.assert_close(starts, ref_starts)
+    torch.testing.assert_close(x, ref_x, atol=1e-4, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            model(x).softmax(1), model(ref_x).softmax(1), atol=1e-5, rtol=1e-4
+        )
+    if kind == "stereo_44k1":
+        assert any("resampled from 44100" in r for r in items[-1]["info"]["repairs"])
+
+
+def test_hop_and_window_timing(tmp_path, front_end):
+    path = _write(tmp_path / "a.wav", _noise(10.0))
+    items = list(RecordingWindows(path, front_end, hop_s=2.0, batch_size=3))
+    starts = torch.cat([it["start_s"] for it in items]).tolist()
+    assert starts == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert items[-1]["info"]["duration_s"] == pytest.approx(10.0)
+
+
+def test_find_recordings_takes_a_file_a_folder_or_a_glob(tmp_path):
+    (tmp_path / "sub").mkdir()
+    a = _write(tmp_path / "a.wav", _noise(0.1))
+    b = _write(tmp_path / "sub" / "b.FLAC", _noise(0.1), subtype="PCM_16")
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert find_recordings(a) == [a]
+    assert find_recordings(tmp_path) == [a, b]
+    assert find_recordings(str(tmp_path / "**" / "*.wav")) == [a]
+    with pytest.raises(FileNotFoundError, match="no recordings"):
+        find_recordings(tmp_path / "nothing*.wav")
+
+
+def test_workers_split_recordings_never_a_recording(tmp_path, front_end):
+    for i in range(3):
+        _write(tmp_path / f"r{i}.wav", _noise(4.0 + i, seed=i))
+    ds = RecordingWindows(tmp_path, front_end, batch_size=2)
+    items = list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert len(items) == len(ds)
+    by_rec: dict[str, list[int]] = {}
+    for it in items:
+        by_rec.setdefault(it["recording"], []).extend(it["index"].tolist())
+    assert {Path(k).name: v for k, v in by_rec.items()} == {
+        f"r{i}.wav": list(range(2 * (4 + i) - 1)) for i in range(3)
+    }
+    assert sum(it["last"] for it in items) == 3
+
+
+# -- bad input ------------------------------------------------------------------
+
+
+def _bad_files(folder: Path) -> dict[str, str]:
+    """Write one file per fault; return the status each must get."""
+    good = _noise(6.0, seed=3)
+    _write(folder / "good.wav", good, subtype="PCM_16")
+    (folder / "unreadable.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(range(256)))
+    (folder / "zero_bytes.wav").write_bytes(b"")
+    _write(folder / "no_frames.wav", good[:, :0], subtype="PCM_16")
+    raw = _write(folder / "full.wav", _noise(8.0, seed=4), subtype="PCM_16").read_bytes()
+    (folder / "full.wav").unlink()
+    (folder / "truncated.wav").write_bytes(raw[: len(raw) - 4 * SR * 2 * 2])  # 4 s of data cut
+    raw = _write(folder / "full.flac", _noise(8.0, seed=5), subtype="PCM_16").read_bytes()
+    (folder / "full.flac").unlink()
+    (folder / "cut.flac").write_bytes(raw[: len(raw) // 2])
+    _write(folder / "too_short.wav", good[:, : SR // 2], subtype="PCM_16")
+    _write(folder / "three_channels.wav", np.concatenate([good, good[:1]]), subtype="PCM_16")
+    return {
+        "good.wav": "ok",
+        "unreadable.wav": "error",
+        "zero_bytes.wav": "error",
+        "no_frames.wav": "error",
+        "truncated.wav": "truncated",
+        "cut.flac": "partial",
+        "too_short.wav": "too_short",
+        "three_channels.wav": "error",
+    }
+
+
+def test_bad_recordings_are_reported_and_the_others_processed(tmp_path, front_end):
+    expected = _bad_files(tmp_path)
+    ds = RecordingWindows(tmp_path, front_end, batch_size=8)
+    items = list(ds)
+    assert len(items) <= len(ds)  # exact for intact files; the cut FLAC's header promises more
+    last = {Path(it["recording"]).name: it for it in items if it["last"]}
+    assert {k: v["info"]["status"] for k, v in last.items()} == expected
+    assert last["truncated.wav"]["n_windows"] == 7  # 4 s of the promised 8 s
+    assert "promises 8.0 s" in last["truncated.wav"]["info"]["error"]
+    assert "3 channels" in last["three_channels.wav"]["info"]["error"]
+    assert "zero-length" in last["no_frames.wav"]["info"]["error"]
+    for name, item in last.items():
+        assert name in (item["info"]["error"] or name)  # every message names its file
+    assert probe(tmp_path / "good.wav").declared_frames is None
+
+
+def test_more_than_two_channels_can_keep_the_first_two(tmp_path, front_end):
+    wave = _noise(3.0, channels=3)
+    path = _write(tmp_path / "three.wav", wave)
+    with pytest.warns(UserWarning, match="kept channels 0 and 1"):
+        items = list(RecordingWindows(path, front_end, extra_channels="first_two"))
+    two = list(RecordingWindows(_write(tmp_path / "two.wav", wave[:2]), front_end))
+    torch.testing.assert_close(items[-1]["x"], two[-1]["x"])
+
+
+def test_nonfinite_samples_are_zeroed_and_counted(tmp_path, front_end):
+    wave = _noise(3.0)
+    wave[:, 100:150] = np.nan
+    path = _write(tmp_path / "nan.wav", wave)
+    with pytest.warns(UserWarning, match="non-finite"):
+        items = list(RecordingWindows(path, front_end))
+    assert items[-1]["info"]["nonfinite_samples"] == 100
+    assert torch.isfinite(items[-1]["x"]).all()
+
+
+# -- the writer in a real Trainer.predict ---------------------------------------------
+
+
+@pytest.mark.filterwarnings(*LIGHTNING_NOISE)
+def test_writer_writes_events_summary_and_timeline_and_reports_bad_files(
+    tmp_path, front_end, model
+):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    expected = _bad_files(audio)
+    write_night(audio / "night.wav", hours=3 / 60, seed=1, scale=0.05)
+    expected["night.wav"] = "ok"
+    out = tmp_path / "out"
+    writer = NightWriter(output_dir=str(out), min_duration_s={"snore": 2.0, "default": 1.0})
+    ds = RecordingWindows(audio, front_end, batch_size=64)
+    _trainer(writer).predict(model, DataLoader(ds, batch_size=None), return_predictions=False)
+
+    for stem in ("night", "good", "truncated"):
+        assert {p.name for p in (out / stem).iterdir()} == {
+            "events.csv",
+            "summary.json",
+            "timeline.png",
+        }
+    summary = json.loads((out / "night" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["duration_s"] == pytest.approx(180.0)
+    assert summary["n_windows"] == 359
+    assert summary["model"]["backbone"] == "TinyCNN"
+    assert summary["model"]["class_names"] == CLASSES
+    assert summary["model"]["feature_config_hash"] == front_end.config_hash()
+    assert summary["postprocessing"]["per_class"]["snore"]["min_duration_s"] == 2.0
+    assert sum(summary["top_class_minutes"].values()) == pytest.approx(3.0)
+    with open(out / "night" / "events.csv") as f:
+        assert next(csv.reader(f)) == ["start_s", "end_s", "label", "mean_prob"]
+    for e in read_events_csv(out / "night" / "events.csv"):
+        assert 0 <= e.start_s < e.end_s <= 180.0 and e.label in ("breathe", "snore")
+
+    short = json.loads((out / "too_short" / "summary.json").read_text())
+    assert short["status"] == "too_short" and short["n_windows"] == 0
+    assert short["files"]["timeline"] is None
+    assert not (out / "unreadable").exists()
+    with open(out / "recordings.csv") as f:
+        rows = {Path(r["recording"]).name: r for r in csv.DictReader(f)}
+    assert {k: r["status"] for k, r in rows.items()} == expected
+    errors = {Path(e["recording"]).name: e for e in json.loads((out / "errors.json").read_text())}
+    assert set(errors) == {k for k, v in expected.items() if v != "ok"}
+    for name, e in errors.items():
+        assert name in e["error"]
+
+
+@pytest.mark.filterwarnings(*LIGHTNING_NOISE)
+def test_writer_ignores_batches_that_are_not_recording_windows(tmp_path, model):
+    data = TensorDataset(torch.randn(8, 2, 64, 101), torch.zeros(8, dtype=torch.long))
+    out = tmp_path / "out"
+    preds = _trainer(NightWriter(output_dir=str(out))).predict(
+        model, DataLoader(data, batch_size=4)
+    )
+    assert len(preds) == 2 and not out.exists()
+
+
+def test_writer_checks_thresholds_before_predicting(model):
+    writer = NightWriter(on_threshold=0.3, off_threshold=0.5)
+    with pytest.raises(ValueError, match="off_threshold <= on_threshold"):
+        writer.on_predict_start(None, model)
+
+
+# -- the synthetic night and the summary against its truth ------------------------
+
+
+def test_night_plan_is_contiguous_deterministic_and_sleep_like():
+    plan = night_plan(8.0, seed=0)
+    assert plan == night_plan(8.0, seed=0) and plan != night_plan(8.0, seed=1)
+    assert plan[0].start_s == 0 and plan[-1].end_s == 8 * 3600
+    assert all(a.end_s == b.start_s for a, b in zip(plan, plan[1:], strict=False))
+    bouts = [s for s in plan if s.kind == "snore"]
+    assert len(bouts) >= 3
+    assert all(5 * 60 <= s.end_s - s.start_s <= 60 * 60 for s in bouts[:-1])
+    after = {plan[i + 1].kind for i, s in enumerate(plan[:-1]) if s.kind == "snore"}
+    assert after == {"breath"}  # breathing between bouts
+    kinds = {s.kind for s in plan}
+    assert {"quiet", "breath", "snore"} <= kinds and kinds & {
+        "partner_snore",
+        "partner_breath",
+        "partner_cough",
+    }
+
+
+def test_synthetic_night_file_and_truth(tmp_path):
+    audio, truth, plan = write_night(tmp_path / "n.wav", hours=40 / 3600, seed=3, scale=0.02)
+    info = sf.info(str(audio))
+    assert (info.samplerate, info.channels, info.frames) == (SR, 2, 40 * SR)
+    with open(truth) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["start_s", "end_s", "label", "kind", "snr_db"]
+    assert [(float(r["start_s"]), float(r["end_s"]), r["label"]) for r in rows] == [
+        (e.start_s, e.end_s, e.label) for e in truth_events(plan)
+    ]
+    again, _, _ = write_night(tmp_path / "m.wav", hours=40 / 3600, seed=3, scale=0.02)
+    assert audio.read_bytes() == again.read_bytes()
+    wave, _ = sf.read(str(audio), dtype="float32")
+    assert np.isfinite(wave).all() and np.abs(wave).max() < 1.0
+
+
+def _truth_probabilities(plan, class_names, n_windows, hop_s, window_s) -> np.ndarray:
+    """Confident window probabilities from the truth: the label at each window's centre."""
+    centres = np.arange(n_windows) * hop_s + window_s / 2
+    probs = np.full((n_windows, len(class_names)), 0.05, np.float32)
+    starts = np.array([s.start_s for s in plan])
+    for k, c in enumerate(centres):
+        seg = plan[int(np.searchsorted(starts, c, side="right")) - 1]
+        probs[k, class_names.index(seg.label)] = 0.9
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_summary_matches_the_synthetic_nights_truth():
+    """Summary maths on truth-derived probabilities: every boundary within half a hop.
+
+    Tolerance: each event edge moves by at most 0.25 s (half the hop), so snore minutes
+    agree within 0.5 s per episode and the longest snore-free stretch within 0.5 s.
+    """
+    classes = ["quiet", "breathe", "snore", "non_wearer"]
+    hours, hop, window = 2.0, 0.5, 1.0
+    plan = night_plan(hours, seed=5, scale=0.5)
+    duration = plan[-1].end_s
+    n = int((duration - window) // hop) + 1
+    probs = _truth_probabilities(plan, classes, n, hop, window)
+    bounds = window_bounds(n, hop, window, duration)
+    events = detect_events(probs, classes, bounds, 5, 0.5, 0.3, 0.5, 0.0)
+    truth = [Event(s.start_s, s.end_s, s.label) for s in truth_events(plan)]
+    summary = summarize(events, median_filter(probs, 5), classes, bounds, duration)
+
+    bouts = [e for e in truth if e.label == "snore"]
+    assert summary["snore"]["episodes"] == len(bouts) >= 2
+    assert summary["snore"]["episodes_per_hour"] == pytest.approx(len(bouts) / hours)
+    truth_minutes = sum(e.duration_s for e in bouts) / 60
+    assert abs(summary["snore"]["minutes"] - truth_minutes) <= 0.5 * len(bouts) / 60
+    edges = [0.0] + [x for e in bouts for x in (e.start_s, e.end_s)] + [duration]
+    free = max(b - a for a, b in zip(edges[0::2], edges[1::2], strict=True)) / 60
+    assert abs(summary["snore"]["longest_snore_free_min"] - free) <= 0.5 / 60
+    scores = evaluate_events(truth, events, labels=["breathe", "snore", "non_wearer"])
+    assert scores["micro"]["f1"] == 1.0
+
+
+def test_timeline_png(tmp_path):
+    n = 8 * 3600 * 2
+    t = np.arange(n) / 7200.0
+    snore = (np.sin(2 * np.pi * t) > 0.6).astype(np.float32) * 0.8
+    probs = np.stack([1 - snore - 0.1, np.full(n, 0.1, np.float32), snore], 1)
+    bounds = window_bounds(n, 0.5, 1.0, n * 0.5 + 0.5)
+    events = detect_events(probs, CLASSES, bounds)
+    path = tmp_path / "timeline.png"
+    plot_timeline(path, probs, bounds, events, CLASSES, title="a night")
+    from matplotlib.image import imread
+
+    assert imread(str(path)).shape[:2] == (600, 1600)
+    assert format_clock(3600 * 7 + 60 * 5 + 20) == "07:05"
+
+
+# -- main.py predict ----------------------------------------------------------------
+
+
+def _wired() -> bool:
+    import inspect
+
+    from data.datamodule import SleepSoundDataModule
+
+    return "predict_audio" in inspect.signature(SleepSoundDataModule).parameters
+
+
+def _checkpoint(path: Path) -> Path:
+    """A TinyCNN checkpoint as ``main.py fit`` would write it (weights untrained)."""
+    import lightning
+
+    torch.manual_seed(0)
+    model = Classifier(num_classes=3, class_names=CLASSES)
+    hparams = {
+        "backbone": {"class_path": "models.backbones.TinyCNN", "init_args": {}},
+        "num_classes": 3,
+        "in_channels": 2,
+        "class_names": CLASSES,
+        "input_shape": [2, 64, 101],
+    }
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.skipif(not _wired(), reason="data.predict_audio is not wired yet (docs/night.md)")
+@pytest.mark.filterwarnings(*LIGHTNING_NOISE)
+def test_main_predict_writes_a_timeline_per_recording(tmp_path):
+    from main import main
+
+    root = Path(__file__).resolve().parents[1]
+    audio = tmp_path / "audio"
+    write_night(audio / "night.wav", hours=2 / 60, seed=2, scale=0.05)
+    _write(audio / "broken.wav", _noise(1.0)).write_bytes(b"RIFF....WAVEjunk")
+    out = tmp_path / "predictions"
+    ckpt = _checkpoint(tmp_path / "tiny.ckpt")
+    main(
+        [
+            "predict",
+            "--config", str(root / "config" / "demo.yaml"),
+            "--ckpt_path", str(ckpt),
+            "--data.predict_audio", str(audio),
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--night.output_dir", str(out),
+            "--night.min_duration_s", "{snore: 5.0, default: 3.0}",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    assert {p.name for p in (out / "night").iterdir()} == {
+        "events.csv",
+        "summary.json",
+        "timeline.png",
+    }
+    summary = json.loads((out / "night" / "summary.json").read_text())
+    assert summary["duration_s"] == pytest.approx(120.0)
+    assert summary["model"]["checkpoint"] == str(ckpt.resolve())
+    assert summary["postprocessing"]["per_class"]["snore"]["min_duration_s"] == 5.0
+    errors = json.loads((out / "errors.json").read_text())
+    assert [Path(e["recording"]).name for e in errors] == ["broken.wav"]
+    assert not (tmp_path / "cache").exists()  # recordings need no spectrogram cache
+
+
+# -- slow: a trained model end to end ---------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(*LIGHTNING_NOISE)
+def test_a_trained_tiny_model_finds_the_snoring_in_a_synthetic_night(tmp_path):
+    """Fit the demo TinyCNN (8 epochs of 4000 clips) on the synthetic corpus, predict a 20-minute night.
+
+    Such a model is still weak (validation macro-F1 about 0.8), so the bar is the snore
+    minutes within 25 % of the truth and event-level snore F1 of at least 0.5 with a
+    5 s onset collar and a max(2 s, 20 %) offset collar.
+    """
+    from main import main
+
+    root = Path(__file__).resolve().parents[1]
+    fit = main(
+        [
+            "fit",
+            "--config", str(root / "config" / "demo.yaml"),
+            "--data.source.init_args.clips_per_split", '{"train": 4000, "validation": 400, "test": 64}',
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.progress", "false",
+            "--trainer.max_epochs", "8",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
+            "--trainer.enable_progress_bar", "false",
+            "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
+            "--latency.runs", "5",
+        ]
+    )  # fmt: skip
+    best = fit.trainer.checkpoint_callback.best_model_path
+    model = type(fit.model).load_from_checkpoint(best, map_location="cpu").eval()
+    audio, truth_csv, plan = write_night(tmp_path / "night.wav", hours=1 / 3, seed=11, scale=0.25)
+    out = tmp_path / "out"
+    ds = RecordingWindows(audio, fit.datamodule.features, batch_size=256)
+    _trainer(NightWriter(output_dir=str(out))).predict(
+        model, DataLoader(ds, batch_size=None), ckpt_path=None, return_predictions=False
+    )
+    summary = json.loads((out / "night" / "summary.json").read_text())
+    truth = [e for e in read_events_csv(truth_csv) if e.label == "snore"]
+    truth_minutes = sum(e.duration_s for e in truth) / 60
+    assert summary["snore"]["minutes"] == pytest.approx(truth_minutes, rel=0.25)
+    found = read_events_csv(out / "night" / "events.csv")
+    scores = evaluate_events(truth, found, labels=["snore"], onset_collar_s=5.0)
+    assert scores["per_class"]["snore"]["f1"] >= 0.5, scores
+    assert not math.isnan(summary["snore"]["longest_snore_free_min"])
