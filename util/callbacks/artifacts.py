@@ -408,7 +408,8 @@ class RunArtifacts(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        if trainer.fast_dev_run or not log_dir:
+        # predict writes its own outputs; without a logger there is no run folder to fill
+        if trainer.fast_dev_run or not log_dir or stage == "predict" or trainer.logger is None:
             self._log_dir = None
             return
         self._log_dir = Path(log_dir)
