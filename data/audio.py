@@ -56,7 +56,9 @@ def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
         src = io.BytesIO(data) if isinstance(data, bytes | bytearray) else str(data)
         audio, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types (LibsndfileError, RuntimeError...)
-        raise AudioDecodeError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        raise AudioDecodeError(
+            str(err).splitlines()[0] if str(err) else type(err).__name__
+        ) from err
     return np.ascontiguousarray(audio.T), int(sr)
 
 
@@ -75,7 +77,9 @@ def _decode_simple_wav(data: bytes | bytearray) -> tuple[np.ndarray, int] | None
             tag, channels, rate = struct.unpack_from("<HHI", data, body)
             block_align, bits = struct.unpack_from("<HH", data, body + 12)
             if tag == _WAVE_FORMAT_EXTENSIBLE and size >= 26:
-                tag = struct.unpack_from("<H", data, body + 24)[0]  # first bytes of the subformat GUID
+                tag = struct.unpack_from("<H", data, body + 24)[
+                    0
+                ]  # first bytes of the subformat GUID
             fmt = (tag, channels, rate, block_align, bits)
         elif chunk == b"data":
             if fmt is None or body + size > len(data):

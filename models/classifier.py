@@ -96,7 +96,9 @@ class Classifier(LightningModule):
         self.save_hyperparameters()
         self.backbone = backbone(in_channels, num_classes)
         if not isinstance(self.backbone, Backbone):
-            raise TypeError(f"backbone must build a models.backbones.Backbone, got {type(self.backbone)}")
+            raise TypeError(
+                f"backbone must build a models.backbones.Backbone, got {type(self.backbone)}"
+            )
         self.num_classes = num_classes
         self.class_names = list(class_names or [f"class{i}" for i in range(num_classes)])
         if len(self.class_names) != num_classes:
@@ -161,9 +163,11 @@ class Classifier(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        monitor = {"monitor": "val/f1_macro"} if isinstance(
-            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
-        ) else {}
+        monitor = (
+            {"monitor": "val/f1_macro"}
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            else {}
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **monitor}}
 
     # -- forward ------------------------------------------------------------
@@ -206,8 +210,15 @@ class Classifier(LightningModule):
         x, y = batch[0], batch[1]
         loss, logits = self.compute_loss(x, y, stage)
         self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=x.shape[0], sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=x.shape[0],
+            sync_dist=stage != "train",
+        )
         if stage == "test":
             self._test_batches.append((y.detach(), logits.detach().softmax(dim=1)))
         return loss

@@ -40,7 +40,9 @@ def test_forward_shapes_and_maps(cls, shape):
 
 def test_batch_norm_switch_changes_size_only_when_on():
     assert n_params(TinyCNN(1, 3, batch_norm=True)) != 23_491
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in TinyCNN(1, 3, batch_norm=True).modules())
+    assert any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in TinyCNN(1, 3, batch_norm=True).modules()
+    )
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in TinyCNN(1, 3).modules())
 
 

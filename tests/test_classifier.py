@@ -33,13 +33,19 @@ def scripted(targets, preds, shape=(1, 4, 5)):
 
 def quiet_trainer(tmp_path, **kw):
     return Trainer(
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, **kw,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
     )
 
 
 def make_model(**kw):
-    defaults = dict(num_classes=3, in_channels=1, class_names=CLASSES, input_shape=(1, 4, 5), normalize=False)
+    defaults = dict(
+        num_classes=3, in_channels=1, class_names=CLASSES, input_shape=(1, 4, 5), normalize=False
+    )
     return Classifier(backbone=Echo, **(defaults | kw))
 
 
@@ -116,6 +122,13 @@ def test_predict_step_returns_probabilities():
 
 def test_checkpoint_of_another_class_count_is_refused():
     model = make_model()
-    ckpt = {"hyper_parameters": {"backbone": {"class_path": "models.backbones.TinyCNN"}, "num_classes": 5}}
-    with pytest.raises(CheckpointMismatchError, match="TinyCNN with 5 classes.*Echo with 3 classes"):
+    ckpt = {
+        "hyper_parameters": {
+            "backbone": {"class_path": "models.backbones.TinyCNN"},
+            "num_classes": 5,
+        }
+    }
+    with pytest.raises(
+        CheckpointMismatchError, match="TinyCNN with 5 classes.*Echo with 3 classes"
+    ):
         model.on_load_checkpoint(ckpt)

@@ -43,10 +43,12 @@ def test_fit_writes_checkpoints_config_and_artifacts(fitted):
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("events.out.tfevents.*"))
-    rows = list(csv.DictReader(open(run_dir / "epoch_metrics.csv")))
+    rows = list(csv.DictReader((run_dir / "epoch_metrics.csv").read_text().splitlines()))
     assert len(rows) == 2 and "val/f1_macro" in rows[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["complexity"]["params"] == sum(p.numel() for p in cli.model.backbone.parameters())
+    assert metrics["complexity"]["params"] == sum(
+        p.numel() for p in cli.model.backbone.parameters()
+    )
 
 
 def test_test_and_predict_from_the_checkpoint(fitted):
@@ -57,9 +59,9 @@ def test_test_and_predict_from_the_checkpoint(fitted):
     assert 0.0 <= float(metrics["test/f1_macro"]) <= 1.0
     assert {"test/acc", "test/bal_acc", "test/f1/snore"} <= set(metrics)
     run_dir = Path(tested.trainer.log_dir)
-    header = next(csv.reader(open(run_dir / "class_metrics.csv")))
+    header = next(csv.reader((run_dir / "class_metrics.csv").read_text().splitlines()))
     assert header[:4] == ["class", "precision", "recall", "f1"]
-    board = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    board = list(csv.DictReader((tmp_path / "leaderboard.csv").read_text().splitlines()))
     assert board[-1]["model"] == "TinyCNN" and board[-1]["test_f1_macro"]
 
     predicted = main(["predict", *tiny_args(tmp_path), "--ckpt_path", best])
@@ -94,7 +96,14 @@ def test_help_documents_the_options(capsys):
 
 def test_unknown_class_path_is_a_clear_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_args(tmp_path), "--model.init_args.backbone", "models.backbones.NoSuchNet"])
+        main(
+            [
+                "fit",
+                *tiny_args(tmp_path),
+                "--model.init_args.backbone",
+                "models.backbones.NoSuchNet",
+            ]
+        )
     assert exit_info.value.code != 0
     assert "NoSuchNet" in capsys.readouterr().err
 
@@ -106,11 +115,15 @@ def test_ddp_fit_on_two_cpu_processes_writes_artifacts_once(tmp_path):
         "--trainer.strategy", "ddp", "--trainer.devices", "2",
     )  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "main.py", "fit", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "main.py", "fit", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((tmp_path / "log").glob("demo/version_*"))
     assert len(runs) == 1, runs
     assert (runs[0] / "metrics.json").is_file()
-    board = list(csv.DictReader(open(tmp_path / "leaderboard.csv")))
+    board = list(csv.DictReader((tmp_path / "leaderboard.csv").read_text().splitlines()))
     assert len(board) == 1

@@ -29,7 +29,9 @@ class SpatialAttention(nn.Module):
     def __init__(self, kernel_size: int) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"CBAM spatial kernel must be a positive odd number, got {kernel_size}")
+            raise ValueError(
+                f"CBAM spatial kernel must be a positive odd number, got {kernel_size}"
+            )
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ class TinyCNN(Backbone):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(widths[-1], num_classes)
 
-    def trunk(self, x: torch.Tensor, last_pool: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def trunk(
+        self, x: torch.Tensor, last_pool: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the conv blocks; return the final map and each block's pre-pool map."""
         maps = []
         for i, block in enumerate(self.blocks):

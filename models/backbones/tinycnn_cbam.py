@@ -41,7 +41,9 @@ class TinyCNNCBAM(TinyCNN):
             raise ValueError("TinyCNNCBAM needs at least two conv blocks")
         self.cbam = CBAM(list(channels)[1], reduction, kernel_size, mode)
 
-    def trunk(self, x: torch.Tensor, last_pool: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def trunk(
+        self, x: torch.Tensor, last_pool: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         maps = []
         for i, block in enumerate(self.blocks):
             x = block(x)
