@@ -49,6 +49,12 @@ class EarSleepCLI(LightningCLI):
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        """Check a distillation teacher before the data module spends time on caches."""
+        check = getattr(self.model, "check_teacher", None)
+        if callable(check):
+            check()
+
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         """Parse, then refuse a ``--ckpt_path`` made for another backbone or class list.
 
