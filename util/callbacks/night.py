@@ -108,12 +108,14 @@ class NightWriter(BasePredictionWriter):
     Args:
         output_dir: folder for the per-recording folders (created when needed).
         median_windows: running-median length in windows (odd; 1 turns it off). At
-            the default 0.5 s hop, 5 windows smooth over 2.5 s.
+            the default 0.5 s hop, 3 windows smooth over 1.5 s; longer medians erase
+            snoring that comes only on inhalations.
         on_threshold: probability that starts an event (hysteresis "on").
         off_threshold: probability an event stays above (hysteresis "off").
         min_duration_s: events shorter than this, after merging, are dropped.
         merge_gap_s: events of one class closer than this are merged; snoring
-            comes once per breath, so a gap of about a breath keeps a bout whole.
+            comes once per breath (and a weak model misses some breaths), so a gap
+            of a few breaths keeps a bout whole.
         background: classes that never make events (their time is the rest).
         exclusive: one event at a time: where events of two classes overlap, the
             class first in ``priority`` keeps the time and the other is cut there
@@ -129,11 +131,11 @@ class NightWriter(BasePredictionWriter):
     def __init__(
         self,
         output_dir: str = "predictions",
-        median_windows: int = 5,
+        median_windows: int = 3,
         on_threshold: PerClass = 0.6,
         off_threshold: PerClass = 0.4,
         min_duration_s: PerClass = 3.0,
-        merge_gap_s: PerClass = 10.0,
+        merge_gap_s: PerClass = 20.0,
         background: Sequence[str] = ("quiet",),
         exclusive: bool = True,
         priority: Sequence[str] = ("snore",),
@@ -169,7 +171,9 @@ class NightWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
-        keep_heap_flat()  # the model's process: hours of batches must not grow the heap
+        # The model's process: hours of batches must not grow the heap. Where the features
+        # are computed too (no DataLoader workers), RecordingWindows raises it to 8 MB.
+        keep_heap_flat(1 << 20)
         names = list(getattr(pl_module, "class_names", []) or [])
         for label in names:  # fail before hours of inference, not after
             if label not in self.background:
