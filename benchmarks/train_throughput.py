@@ -25,8 +25,6 @@ timed step and the end of the last.
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import os
 import platform
 import statistics
@@ -43,10 +41,9 @@ if str(ROOT) not in sys.path:
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from models.classifier import Classifier  # noqa: E402
+from models.classifier import Classifier, build_like_cli  # noqa: E402
 from models.distillation import DistillationClassifier  # noqa: E402
 
 INPUTS = {"reference": (1, 64, 501), "native": (2, 64, 101)}
@@ -83,23 +80,8 @@ class BatchPool(Dataset):
 def build(cls: type, backbone: str, shape: tuple[int, ...], **kwargs: Any) -> Classifier:
     """Build ``cls`` as LightningCLI would, so its checkpoint loads like a CLI one."""
     path, args = BACKBONES[backbone]
-    module, name = path.rsplit(".", 1)
-    factory = functools.partial(getattr(__import__(module, fromlist=[name]), name), **args)
     kwargs = {"num_classes": NUM_CLASSES, "in_channels": shape[0], "input_shape": shape, **kwargs}
-    defaults = {
-        n: p.default
-        for klass in (Classifier, cls)
-        for n, p in inspect.signature(klass.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    hparams = {
-        "_class_path": f"{cls.__module__}.{cls.__qualname__}",
-        **defaults,
-        "backbone": {"class_path": path, "init_args": args},
-        **kwargs,
-    }
-    with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
-        return cls(backbone=factory, **kwargs)
+    return build_like_cli(cls, path, args, **kwargs)
 
 
 def teacher_checkpoint(shape: tuple[int, ...], folder: Path) -> str:

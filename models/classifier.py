@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchaudio.transforms as AT
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
@@ -297,3 +302,41 @@ def _backbone_name(spec: object) -> str | None:
     if isinstance(spec, type):
         return spec.__name__
     return None
+
+
+def build_like_cli(
+    cls: type[Classifier],
+    backbone: str,
+    backbone_args: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Classifier:
+    """Build ``cls`` outside the CLI with the hyperparameters LightningCLI would record.
+
+    Its checkpoints then hold ``_class_path``, ``_instantiator`` and the backbone as a
+    ``class_path``/``init_args`` dict, exactly like a ``python main.py fit`` checkpoint,
+    so ``load_from_checkpoint``, ``test --ckpt_path`` and export treat them alike.
+    Used by tests and benchmarks.
+
+    Args:
+        cls: ``Classifier`` or a subclass.
+        backbone: the backbone's class path, e.g. ``models.backbones.TinyCNN``.
+        backbone_args: its init args (without ``in_channels``/``num_classes``).
+        kwargs: the module's own init args.
+    """
+    backbone_args = dict(backbone_args or {})
+    module, name = backbone.rsplit(".", 1)
+    factory = functools.partial(getattr(importlib.import_module(module), name), **backbone_args)
+    defaults = {
+        n: p.default
+        for klass in (Classifier, cls)
+        for n, p in inspect.signature(klass.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    hparams = {
+        "_class_path": f"{cls.__module__}.{cls.__qualname__}",
+        **defaults,
+        "backbone": {"class_path": backbone, "init_args": backbone_args},
+        **kwargs,
+    }
+    with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
+        return cls(backbone=factory, **kwargs)

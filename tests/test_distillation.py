@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
-import importlib
-import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -15,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.classifier import Classifier
+from models.classifier import Classifier, build_like_cli
 from models.distillation import (
     META_KEY,
     DistillationClassifier,
@@ -40,8 +36,6 @@ def cli_style(cls: type, backbone: str, backbone_args: dict[str, Any], **kwargs:
     The checkpoint then holds ``_class_path``, ``_instantiator`` and the backbone as a
     ``class_path``/``init_args`` dict, exactly like a ``python main.py fit`` checkpoint.
     """
-    module, name = backbone.rsplit(".", 1)
-    factory = functools.partial(getattr(importlib.import_module(module), name), **backbone_args)
     kwargs = {
         "num_classes": len(CLASSES),
         "in_channels": SHAPE[0],
@@ -49,20 +43,7 @@ def cli_style(cls: type, backbone: str, backbone_args: dict[str, Any], **kwargs:
         "input_shape": SHAPE,
         **kwargs,
     }
-    defaults = {
-        name: p.default
-        for klass in (Classifier, cls)
-        for name, p in inspect.signature(klass.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    hparams = {
-        "_class_path": f"{cls.__module__}.{cls.__qualname__}",
-        **defaults,
-        "backbone": {"class_path": backbone, "init_args": backbone_args},
-        **kwargs,
-    }
-    with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
-        return cls(backbone=factory, **kwargs)
+    return build_like_cli(cls, backbone, backbone_args, **kwargs)
 
 
 def student(teacher_checkpoint: str | Path, **kwargs: Any) -> DistillationClassifier:

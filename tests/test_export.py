@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,6 @@ import onnx
 import pytest
 import torch
 import yaml
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from torch import nn
 
 from data.cache import build_cache, open_cache
@@ -25,7 +21,7 @@ from data.datamodule import SleepSoundDataModule
 from data.features import LogMelFrontEnd
 from data.sources.synthetic import Synthetic
 from models.backbones import Backbone
-from models.classifier import Classifier
+from models.classifier import Classifier, build_like_cli
 from models.distillation import DistillationClassifier
 from util import export as ex
 
@@ -42,22 +38,7 @@ TOL = 1e-4
 def cli_style(cls: type, backbone: str, backbone_args: dict[str, Any] | None = None, **kwargs: Any):
     """Build ``cls`` as LightningCLI does, so its checkpoint carries ``_class_path``/``_instantiator``."""
     backbone_args = backbone_args or {}
-    module, name = backbone.rsplit(".", 1)
-    factory = functools.partial(getattr(importlib.import_module(module), name), **backbone_args)
-    defaults = {
-        n: p.default
-        for klass in (Classifier, cls)
-        for n, p in inspect.signature(klass.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    hparams = {
-        "_class_path": f"{cls.__module__}.{cls.__qualname__}",
-        **defaults,
-        "backbone": {"class_path": backbone, "init_args": backbone_args},
-        **kwargs,
-    }
-    with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
-        return cls(backbone=factory, **kwargs)
+    return build_like_cli(cls, backbone, backbone_args, **kwargs)
 
 
 def native_classifier(backbone: str = "models.backbones.TinyCNN", **kwargs: Any) -> Classifier:
