@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
@@ -220,10 +222,16 @@ def test_kd_student_exports_without_its_teacher(tmp_path: Path, cache_dir: Path)
     ckpt = make_run(tmp_path / "run", student, cache_dir)
     loaded = ex.load_classifier(ckpt)
     assert type(loaded) is DistillationClassifier
-    report = ex.export_checkpoint(ckpt, out=tmp_path / "out", parity_clips=64, progress=False)
+    report = ex.export_checkpoint(
+        ckpt, out=tmp_path / "out", int8=True, parity_clips=64, calib_clips=64, progress=False
+    )
     assert report["model_class"] == "models.distillation.DistillationClassifier"
     assert report["parity"]["max_abs_diff"] <= TOL
     assert json.loads((tmp_path / "out" / ex.REPORT_NAME).read_text())["backbone"] == "TinyCNN"
+    # the student's int8 file is compacted like a plain classifier's
+    assert report["files"]["int8"]["ratio_to_fp32"] <= 0.30
+    meta = {p.key: p.value for p in onnx.load(report["files"]["int8"]["path"]).metadata_props}
+    assert meta["earsleep.model_class"] == "models.distillation.DistillationClassifier"
 
 
 # -- INT8 on a trained model ---------------------------------------------------------------
@@ -293,8 +301,9 @@ def test_int8_is_smaller_and_still_classifies(tmp_path: Path, cache_dir: Path) -
     ckpt = make_run(tmp_path / "run", model, cache_dir)
     report = ex.export_checkpoint(ckpt, int8=True, progress=False)
     files, test = report["files"], report["test"]
-    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics add ~5%
-    assert files["int8"]["bytes"] < 0.32 * files["fp32"]["bytes"]
+    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics
+    # add under 4% once compacted (the issue's target: at most 30%)
+    assert files["int8"]["bytes"] <= 0.30 * files["fp32"]["bytes"]
     assert test["clips"] == open_cache(test["cache"]).n_rows  # every test clip scored
     # chance macro-F1 for three classes is about 0.33; this model reaches about 0.74
     assert test["fp32"]["f1_macro"] > 0.6
@@ -327,8 +336,9 @@ def test_lightning_trained_tinycnn_exports_through_the_cli(tmp_path: Path, cache
     assert ex.main(["--ckpt_path", str(ckpt), "--int8", "--no-progress"]) == 0
     report = json.loads((tmp_path / "run" / "export" / ex.REPORT_NAME).read_text())
     files, test = report["files"], report["test"]
-    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics add ~5%
-    assert files["int8"]["bytes"] < 0.32 * files["fp32"]["bytes"]
+    # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics
+    # add under 4% once compacted (the issue's target: at most 30%)
+    assert files["int8"]["bytes"] <= 0.30 * files["fp32"]["bytes"]
     assert report["parity"]["max_abs_diff"] <= TOL
     assert test["fp32"]["f1_macro"] > 0.7  # about 0.83 after 8 epochs
     assert test["fp32"]["f1_macro"] - test["int8"]["f1_macro"] < 0.03
@@ -351,3 +361,64 @@ def test_int8_quantization_keeps_dynamic_axes_and_stays_close(tinycnn, tmp_path:
             ref = model(torch.from_numpy(batch)).numpy()
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() < 0.1 * (np.abs(ref).max() + 1e-3) + 0.02
+
+
+# -- the compacted INT8 file ----------------------------------------------------------------
+
+
+def int8_kernels(path: Path) -> collections.Counter[str]:
+    """The quantised kernels ONNX Runtime runs after graph optimisation ALL (QLinearConv, QGemm, …)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # not its warning that the optimised file is CPU-specific
+    optimized = path.with_suffix(".optimized.onnx")
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    return collections.Counter(op for op in ops if op.startswith("Q") and op != "QuantizeLinear")
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    ["models.backbones.TinyCNN", "models.backbones.TinyCNNCBAM", "models.backbones.CRNN"],
+)
+def test_compacted_int8_computes_the_same_on_the_same_kernels(
+    backbone: str, tinycnn, tmp_path: Path
+) -> None:
+    """Compaction only shrinks the file: same logits, same fused int8 kernels, every Q zero point."""
+    if backbone.endswith(".TinyCNN"):
+        _, fp32 = tinycnn
+    else:
+        fp32 = ex.export_onnx(native_classifier(backbone), tmp_path / "fp32.onnx", NATIVE)
+    files = {}
+    for compact in (False, True):
+        reader = ex.CalibrationReader(lambda: iter(random_batches([(8, 2, 64, 101)] * 4, seed=1)))
+        files[compact] = ex.quantize_int8(
+            fp32, tmp_path / f"compact_{compact}.int8.onnx", reader, compact_graph=compact
+        )
+    full, small = files[False], files[True]
+    assert small.stat().st_size < full.stat().st_size
+    sessions = [ex.ort_session(f, threads=1) for f in (full, small)]
+    for batch in random_batches([(1, 2, 64, 101), (5, 2, 64, 64)], seed=2):
+        ref, got = (s.run(None, {"features": batch})[0] for s in sessions)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    kernels = int8_kernels(small)
+    assert kernels["QLinearConv"] >= 3 and kernels["QGemm"] >= 1
+    assert kernels == int8_kernels(full)
+    proto = onnx.load(str(small))
+    inits = {i.name: i for i in proto.graph.initializer}
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    # a QuantizeLinear's zero point gives its output type: never dropped
+    assert quantize and all(len(n.input) == 3 and n.input[2] in inits for n in quantize)
+    assert all(inits[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in quantize)
+    assert not any(n.name for n in proto.graph.node)
+
+
+def test_int8_keeps_the_project_metadata_and_drops_the_quantisers(tinycnn, tmp_path: Path) -> None:
+    _, fp32 = tinycnn
+    reader = ex.CalibrationReader(lambda: iter(random_batches([(8, 2, 64, 101)] * 2, seed=1)))
+    int8 = ex.quantize_int8(fp32, tmp_path / "tinycnn.int8.onnx", reader)
+    before = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    after = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert after == {**before, "earsleep.quantization": "static int8 QDQ"}
+    assert {"earsleep.class_names", "earsleep.input_shape", "earsleep.normalize"} <= set(after)
