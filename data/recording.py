@@ -523,12 +523,12 @@ class RecordingWindows(IterableDataset):
             blocks = read_blocks(
                 info, self.sample_rate, self.in_channels, self.extra_channels, self.block_s, state
             )
-            for first, waves, last in self._batches(blocks):
+            for first, segment, count, last in self._batches(blocks):
                 if last:  # the stream has ended: state is final
-                    final = (first, waves)
+                    final = (first, segment, count)
                 else:
-                    yield self._item(path, meta, first, waves, last=False)
-                n_windows += waves.shape[0]
+                    yield self._item(path, meta, first, segment, count, last=False)
+                n_windows += count
         except RecordingError as err:
             state.error = str(err)
             meta["status"] = "error"
@@ -548,15 +548,19 @@ class RecordingWindows(IterableDataset):
             repairs=list(state.repairs),
         )
         if final is None:
-            final = (n_windows, torch.zeros(0, self.in_channels, self.clip_samples))
-        item = self._item(path, meta, final[0], final[1], last=True)
+            final = (n_windows, torch.zeros(self.in_channels, 0), 0)
+        item = self._item(path, meta, *final, last=True)
         item["n_windows"] = n_windows
         yield item
 
-    def _batches(self, blocks: Iterator[np.ndarray]) -> Iterator[tuple[int, torch.Tensor, bool]]:
-        """``(first window index, waves (B, C, clip), last)`` per batch, in order.
+    def _batches(
+        self, blocks: Iterator[np.ndarray]
+    ) -> Iterator[tuple[int, torch.Tensor, int, bool]]:
+        """``(first window index, segment, windows, last)`` per batch, in order.
 
-        One batch is held back so the final one can be flagged once the stream ends.
+        ``segment`` ``(C, samples)`` holds the batch's windows back to back (see
+        :meth:`_cut`). One batch is held back so the final one can be flagged once the
+        stream ends.
         """
         clip, hop, batch = self.clip_samples, self.hop_samples, self.batch_size
         buf = np.zeros((0, 0), np.float32)
@@ -568,7 +572,7 @@ class RecordingWindows(IterableDataset):
             while window_count(buf_start + buf.shape[1] - k * hop, clip, hop) >= batch:
                 if pending is not None:
                     yield (*pending, False)
-                pending = (k, self._cut(buf, k * hop - buf_start, batch))
+                pending = (k, self._cut(buf, k * hop - buf_start, batch), batch)
                 k += batch
                 drop = min(k * hop - buf_start, buf.shape[1])  # hop may exceed clip
                 buf, buf_start = buf[:, drop:], buf_start + drop
@@ -576,24 +580,44 @@ class RecordingWindows(IterableDataset):
         if rest:
             if pending is not None:
                 yield (*pending, False)
-            pending = (k, self._cut(buf, k * hop - buf_start, rest))
+            pending = (k, self._cut(buf, k * hop - buf_start, rest), rest)
         if pending is not None:
             yield (*pending, True)
 
     def _cut(self, buf: np.ndarray, offset: int, count: int) -> torch.Tensor:
-        """Waves ``(count, C, clip)`` of windows starting ``offset`` samples into ``buf``."""
+        """The samples ``(C, span)`` of ``count`` windows starting ``offset`` into ``buf``.
+
+        A copy of just this span, so that the batch does not keep the block alive.
+        """
         span = (count - 1) * self.hop_samples + self.clip_samples
-        # A copy of just this span: the strided view below must not keep the block alive.
-        seg = torch.from_numpy(np.ascontiguousarray(buf[:, offset : offset + span]))
-        return seg.unfold(1, self.clip_samples, self.hop_samples).transpose(0, 1)
+        return torch.from_numpy(np.ascontiguousarray(buf[:, offset : offset + span]))
+
+    def _features(self, segment: torch.Tensor, count: int) -> torch.Tensor:
+        """Features of the ``count`` windows in ``segment``.
+
+        The front end's ``windows`` method when it has one (:class:`data.features.LogMelFrontEnd`
+        computes frames shared by overlapping windows once), else its ``forward`` on the
+        stacked windows: the same values either way.
+        """
+        windows = getattr(self.front_end, "windows", None)
+        if callable(windows):
+            return windows(segment, self.hop_samples, count)
+        waves = segment.unfold(1, self.clip_samples, self.hop_samples).transpose(0, 1)
+        return self.front_end(waves[:count])
 
     def _item(
-        self, path: Path, meta: dict[str, Any], first: int, waves: torch.Tensor, last: bool
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        first: int,
+        segment: torch.Tensor,
+        count: int,
+        last: bool,
     ) -> dict[str, Any]:
-        n = waves.shape[0]
+        n = count
         with torch.inference_mode():
             if n:
-                x = self.front_end(waves)
+                x = self._features(segment, count)
                 if self.channels_last and x.ndim == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
             else:

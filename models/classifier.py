@@ -6,7 +6,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torchmetrics.classification import (
 from models.backbones import Backbone, TinyCNN
 
 STAGES = ("train", "val", "test")
+PREDICT_ENGINES = ("auto", "torch", "onnxruntime")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -78,6 +79,13 @@ class Classifier(LightningModule):
             is Adam with lr 1e-3 and weight decay 1e-5, the reference recipe.
         lr_scheduler: optional scheduler ``class_path``/``init_args`` (without the
             optimizer); ``ReduceLROnPlateau`` watches ``val/f1_macro``.
+        predict_engine: what runs the model in ``predict``. ``onnxruntime`` exports it
+            to ONNX once when prediction starts, checks the logits against PyTorch
+            (within 1e-4) and runs ONNX Runtime on the CPU, about twice as fast as eager
+            PyTorch for the tiny CNNs (:class:`util.export.OnnxRuntimeRunner`);
+            ``torch`` runs PyTorch; ``auto`` takes ONNX Runtime on a CPU and PyTorch on
+            a GPU, or when the export or its check fails (with a warning). Training,
+            validation and testing always run PyTorch.
     """
 
     def __init__(
@@ -96,8 +104,13 @@ class Classifier(LightningModule):
         mixup_alpha: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        predict_engine: Literal["auto", "torch", "onnxruntime"] = "auto",
     ) -> None:
         super().__init__()
+        if predict_engine not in PREDICT_ENGINES:
+            raise ValueError(
+                f"predict_engine must be one of {PREDICT_ENGINES}, got {predict_engine!r}"
+            )
         self.save_hyperparameters()
         self.backbone = backbone(in_channels, num_classes)
         if not isinstance(self.backbone, Backbone):
@@ -130,6 +143,9 @@ class Classifier(LightningModule):
         #: Test-set ``index``, ``target`` and ``probs`` after a test epoch.
         self.test_predictions: dict[str, torch.Tensor] = {}
         self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.predict_engine = predict_engine
+        #: The ONNX Runtime runner while predicting with it, else ``None``.
+        self.onnx_runner: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- data-derived state -------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -243,7 +259,42 @@ class Classifier(LightningModule):
             x = batch["x"]
         else:
             x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(dim=1)
+        logits = self(x) if self.onnx_runner is None else self.onnx_runner(x)
+        return logits.softmax(dim=1)
+
+    def on_predict_start(self) -> None:
+        """Build the ONNX Runtime runner when ``predict_engine`` asks for it."""
+        self.onnx_runner = None
+        engine = self.predict_engine
+        if engine == "torch" or (engine == "auto" and self.device.type != "cpu"):
+            return
+        if self.device.type != "cpu":
+            raise ValueError(
+                f"predict_engine 'onnxruntime' runs on the CPU but the model is on "
+                f"{self.device}; use predict_engine 'torch' (or 'auto')"
+            )
+        try:
+            from util.export import ExportError, OnnxRuntimeRunner
+        except ImportError as err:
+            if engine == "onnxruntime":
+                raise
+            rank_zero_warn(f"predict_engine auto: no ONNX Runtime ({err}); predicting with torch")
+            return
+        try:
+            self.onnx_runner = OnnxRuntimeRunner(
+                self, self.input_shape, threads=torch.get_num_threads()
+            )
+        except ExportError as err:
+            if engine == "onnxruntime":
+                raise
+            first = str(err).strip().splitlines()[0]
+            rank_zero_warn(
+                f"predict_engine auto: ONNX Runtime cannot run {type(self.backbone).__name__} "
+                f"({first}); predicting with torch"
+            )
+
+    def on_predict_end(self) -> None:
+        self.onnx_runner = None
 
     # -- epoch ends: compute, log, keep the confusion ---------------------------
     def _log_epoch(self, stage: str) -> None:

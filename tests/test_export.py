@@ -422,3 +422,62 @@ def test_int8_keeps_the_project_metadata_and_drops_the_quantisers(tinycnn, tmp_p
     after = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
     assert after == {**before, "earsleep.quantization": "static int8 QDQ"}
     assert {"earsleep.class_names", "earsleep.input_shape", "earsleep.normalize"} <= set(after)
+
+
+# -- ONNX Runtime as the predict engine ---------------------------------------------------
+
+
+def _predict_probs(model: Classifier, batches: list[torch.Tensor]) -> torch.Tensor:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    return torch.cat(trainer.predict(model, torch.utils.data.DataLoader(batches, batch_size=None)))
+
+
+def _feature_batches() -> list[torch.Tensor]:
+    # 40 clips span several runner chunks; the last batch is empty, as a recording
+    # without windows ends; channels-last memory as the recording loader hands it over.
+    sizes = [(40, *NATIVE), (5, *NATIVE), (0, *NATIVE)]
+    return [
+        torch.from_numpy(b).contiguous(memory_format=torch.channels_last)
+        for b in random_batches(sizes, seed=4)
+    ]
+
+
+def test_predict_engine_onnxruntime_gives_pytorchs_probabilities(monkeypatch) -> None:
+    calls = collections.Counter()
+    run = ex.OnnxRuntimeRunner.__call__
+
+    def counted(self: ex.OnnxRuntimeRunner, x: torch.Tensor) -> torch.Tensor:
+        calls[len(x)] += 1
+        return run(self, x)
+
+    monkeypatch.setattr(ex.OnnxRuntimeRunner, "__call__", counted)
+    batches = _feature_batches()
+    torch.manual_seed(0)
+    ort_probs = _predict_probs(native_classifier(predict_engine="onnxruntime"), batches)
+    assert calls == {40: 1, 5: 1, 0: 1}  # ONNX Runtime ran every batch
+    torch.manual_seed(0)  # the same weights
+    torch_probs = _predict_probs(native_classifier(predict_engine="torch"), batches)
+    assert sum(calls.values()) == 3  # and PyTorch ran these
+    assert ort_probs.shape == torch_probs.shape == (45, 3)
+    torch.testing.assert_close(ort_probs, torch_probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ort_probs.sum(1), torch.ones(45))
+
+
+def test_predict_engine_auto_falls_back_to_torch_when_the_export_fails() -> None:
+    batches = _feature_batches()
+    kwargs = {"backbone": CumMaxBackbone, "num_classes": 3, "in_channels": 2,
+              "input_shape": NATIVE}  # fmt: skip
+    model = Classifier(**kwargs, predict_engine="auto")
+    with pytest.warns(UserWarning, match=r"ONNX Runtime cannot run CumMaxBackbone.*with torch"):
+        probs = _predict_probs(model, batches)
+    with torch.inference_mode():
+        want = model(torch.cat(batches)).softmax(1)
+    torch.testing.assert_close(probs, want)
+    with pytest.raises(ex.UnsupportedOperatorError, match="cummax"):
+        _predict_probs(Classifier(**kwargs, predict_engine="onnxruntime"), batches)
+
+
+def test_predict_engine_is_checked() -> None:
+    with pytest.raises(ValueError, match="predict_engine must be one of"):
+        Classifier(predict_engine="tensorrt")

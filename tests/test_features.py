@@ -105,6 +105,33 @@ def test_batch_is_computed_clip_by_clip() -> None:
     torch.testing.assert_close(whole[2:3], fe(x[2:3]), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["native", "reference"])
+@pytest.mark.parametrize(
+    "hop_samples",
+    [8000, 160 * 3, 4321, 16000, 90000],
+    ids=["0.5s", "3-frames", "not-frame-multiple", "1s", "5.6s"],
+)
+@pytest.mark.parametrize("channels", [2, 1])
+def test_overlapping_windows_equal_the_clips_one_by_one(
+    preset: str, hop_samples: int, channels: int
+) -> None:
+    """``windows`` (frames shared between overlapping clips) equals ``forward`` per clip."""
+    fe = LogMelFrontEnd(preset)
+    count, clip = 5, fe.clip_samples
+    signal = _noise(1, channels, (count - 1) * hop_samples + clip + 101, seed=3)[0]
+    signal[:, clip // 3 : clip // 2] *= 50.0  # loud and quiet stretches across clip edges
+    signal[:, -clip // 4 :] = 0.0
+    got = fe.windows(signal, hop_samples, count)
+    clips = torch.stack([signal[:, k * hop_samples : k * hop_samples + clip] for k in range(count)])
+    torch.testing.assert_close(got, fe(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_windows_refuses_a_signal_shorter_than_its_clips() -> None:
+    fe = LogMelFrontEnd("native")
+    with pytest.raises(ValueError, match="at least 24000 samples"):
+        fe.windows(torch.zeros(2, 23999), 8000, 2)
+
+
 def test_config_is_resolved_json_and_overrides_apply() -> None:
     fe = LogMelFrontEnd("reference", n_mels=40, clip_seconds=2.0)
     cfg = fe.config()
