@@ -27,11 +27,9 @@ Input policy (the writer reports each case; see ``docs/night.md``):
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import math
 import re
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +42,8 @@ import torch
 import torchaudio.functional as AF
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
+
+from data.malloc import keep_heap_flat
 
 #: File suffixes picked up when a folder is given (case-insensitive).
 AUDIO_SUFFIXES: tuple[str, ...] = (".wav", ".flac")
@@ -65,35 +65,6 @@ STATUSES: dict[str, str] = {
     "truncated": "the file holds less data than its header promises; processed what is there",
     "too_short": "shorter than one window: no windows",
 }
-
-
-#: glibc's mmap threshold while streaming (see :func:`keep_heap_flat`): 8 MB keeps the
-#: front end's pieces (up to about 7 MB) on the fast heap path and maps the model's
-#: larger activations on their own.
-HEAP_MMAP_THRESHOLD = 8 << 20
-
-
-def keep_heap_flat(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold so that memory stays flat over a long night.
-
-    glibc raises its threshold to the largest buffer freed so far (up to 32 MB), after
-    which the model's large activations come from the heap; over hours of batches
-    the heap fragments and grows (measured: +0.3 to +0.6 GB of RSS within an hour of
-    audio with a DataLoader worker). A fixed threshold maps larger buffers on their
-    own and returns them to the system when freed. Process-wide and harmless to
-    repeat; a no-op (returns ``False``) where glibc's ``mallopt`` is unavailable.
-
-    Args:
-        threshold: bytes above which a buffer is mapped on its own.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3
-    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
 
 
 class RecordingError(RuntimeError):

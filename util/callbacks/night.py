@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from data.recording import keep_heap_flat
+from data.malloc import keep_heap_flat
 from util.night import (
     PerClass,
     detect_events,

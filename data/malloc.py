@@ -1,0 +1,62 @@
+"""glibc malloc settings for the package's long loops (Linux; a no-op elsewhere).
+
+Feature computation allocates and frees buffers of a few MB many times a second.
+How glibc serves them decides both speed (page faults) and whether memory stays
+flat; the two loops need different settings, each set by the code that runs it:
+
+* :func:`keep_heap_flat` (prediction over long recordings): a fixed mmap threshold,
+  so the model's large activations are mapped on their own and returned when freed,
+  instead of fragmenting the heap over hours.
+* :func:`share_one_arena` (cache building): every thread allocates from the main
+  arena. Feature threads otherwise get arenas of their own, which glibc shrinks and
+  grows again around every batch: measured 2.9 million page faults and 8 s of system
+  time for 20,000 clips, against 0.35 million and 2 s with one arena.
+
+Both are process-wide and harmless to repeat; they return ``False`` where glibc's
+``mallopt`` is unavailable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+#: ``mallopt`` parameters (glibc's malloc.h).
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+#: glibc's mmap threshold while streaming (see :func:`keep_heap_flat`): 8 MB keeps the
+#: front end's pieces (up to about 7 MB) on the fast heap path and maps the model's
+#: larger activations on their own.
+HEAP_MMAP_THRESHOLD = 8 << 20
+
+
+def mallopt(param: int, value: int) -> bool:
+    """Call glibc's ``mallopt``; ``False`` when it is unavailable or refuses."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(int(param), int(value)))
+
+
+def keep_heap_flat(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold so that memory stays flat over a long night.
+
+    glibc raises its threshold to the largest buffer freed so far (up to 32 MB), after
+    which the model's large activations come from the heap; over hours of batches
+    the heap fragments and grows (measured: +0.3 to +0.6 GB of RSS within an hour of
+    audio with a DataLoader worker). A fixed threshold maps larger buffers on their
+    own and returns them to the system when freed.
+
+    Args:
+        threshold: bytes above which a buffer is mapped on its own.
+    """
+    return mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def share_one_arena() -> bool:
+    """Make threads started from now on allocate from the main arena (``M_ARENA_MAX`` 1)."""
+    return mallopt(M_ARENA_MAX, 1)
