@@ -3,8 +3,10 @@
 Writes synthetic two-channel 16 kHz nights (8 h and 1 h by default) with
 :mod:`data.sources.night`, then runs the real prediction path on each, every run
 in a fresh process so its peak memory is its own: :class:`data.recording.RecordingWindows`
-(blocks from disk → windows → log-mel front end) → ``DataLoader(batch_size=None)``
-→ ``Trainer.predict`` with a TinyCNN :class:`models.classifier.Classifier` →
+(blocks from disk → windows → log-mel front end, frames shared by overlapping
+windows) → ``DataLoader(batch_size=None)`` → ``Trainer.predict`` with a TinyCNN
+:class:`models.classifier.Classifier` (``predict_engine`` auto: exported to ONNX
+Runtime when prediction starts, which the wall time includes) →
 :class:`util.callbacks.night.NightWriter` (events, summary, timeline). Prints the
 real-time factor (recording seconds per wall second) and peak RSS; the two
 lengths show whether memory stays flat as the night grows.
@@ -12,6 +14,7 @@ lengths show whether memory stays flat as the night grows.
     python benchmarks/night.py                      # 8 h and 1 h, untrained TinyCNN
     python benchmarks/night.py --ckpt_path best.ckpt --hours 1
     python benchmarks/night.py --num_workers 1 --threads 1
+    python benchmarks/night.py --engine torch --hours 2     # eager PyTorch instead
 
 Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a TinyCNN
 checkpoint of :mod:`models.classifier` for the demo's three classes) to also see
@@ -64,7 +67,9 @@ def run_one(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # untrained weights: the same events on every run
     front_end = LogMelFrontEnd()
-    model = Classifier(num_classes=3, class_names=["quiet", "breathe", "snore"])
+    model = Classifier(
+        num_classes=3, class_names=["quiet", "breathe", "snore"], predict_engine=args.engine
+    )
     dataset = RecordingWindows(
         args.audio,
         front_end,
@@ -122,6 +127,12 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
     parser.add_argument("--no_channels_last", action="store_true", help="plain memory order")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "torch", "onnxruntime"],
+        default="auto",
+        help="the model's predict_engine (auto: ONNX Runtime on CPU; its export is timed)",
+    )
     parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
     parser.add_argument("--audio", default=None, help=argparse.SUPPRESS)  # child mode
@@ -153,6 +164,7 @@ def main() -> None:
             "--num_workers", str(args.num_workers),
             "--threads", str(args.threads),
             "--seed", str(args.seed),
+            "--engine", args.engine,
         ]  # fmt: skip
         if args.ckpt_path:
             child += ["--ckpt_path", args.ckpt_path]
@@ -168,7 +180,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
-        f"batch {args.batch_size}, hop {args.hop_s} s, workers {args.num_workers}, "
+        f"engine {args.engine}, batch {args.batch_size}, hop {args.hop_s} s, "
+        f"workers {args.num_workers}, "
         f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.1f}"
     )
     print(
