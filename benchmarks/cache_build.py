@@ -12,6 +12,7 @@ shuffled DataLoader does). CPU seconds count every thread of the process, so
 
     .venv/bin/python benchmarks/cache_build.py                  # 5,000 and 20,000 clips
     .venv/bin/python benchmarks/cache_build.py --clips 40000 --preset reference
+    .venv/bin/python benchmarks/cache_build.py --compresslevel 6   # gzip-compressed, as DreamCatcher's
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def generate(root: Path, clips: int) -> float:
+def generate(root: Path, clips: int, compresslevel: int) -> float:
     """Write ``root/data/train.tar.gz`` with ``clips`` synthetic clips; return seconds."""
     from data.sources.synthetic import Synthetic, write_dreamcatcher_archive
 
@@ -41,7 +42,7 @@ def generate(root: Path, clips: int) -> float:
         return 0.0
     start = time.perf_counter()
     source = Synthetic(seed=0, clips_per_split={"train": clips})
-    write_dreamcatcher_archive(root, source, splits=("train",))
+    write_dreamcatcher_archive(root, source, splits=("train",), compresslevel=compresslevel)
     return time.perf_counter() - start
 
 
@@ -123,6 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
     parser.add_argument("--reads", type=int, default=5000, help="random row reads to time")
     parser.add_argument("--repeat", type=int, default=1, help="builds per size (best is shown)")
+    parser.add_argument(
+        "--compresslevel",
+        type=int,
+        choices=range(10),
+        default=0,
+        metavar="0-9",
+        help="gzip level of the synthetic tarball: 0 stores (default), 6 is what `tar czf` "
+        "writes, as in DreamCatcher's own tarballs (then inflating is part of the cost)",
+    )
     parser.add_argument("--_measure", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -136,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for size in sizes:
-            root = workdir / f"train-{size}"
-            gen = generate(root, size)
+            root = workdir / f"train-{size}-gz{args.compresslevel}"
+            gen = generate(root, size, args.compresslevel)
             if gen:
                 print(f"generated {size} clips in {gen:.1f} s (not timed)", file=sys.stderr)
             runs = []
@@ -155,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\ncache build, preset {args.preset} (tar.gz read + decode + features + HDF5 write)")
+    print(
+        f"\ncache build, preset {args.preset}, gzip level {args.compresslevel} "
+        "(tar.gz read + decode + features + HDF5 write)"
+    )
     print(f"{_usable_cpus()} usable CPUs; 'load' is the 1-minute load average during the build")
     header = (
         f"{'clips':>7} {'rows':>7} {'seconds':>8} {'clips/s':>8} {'CPU s':>7} "

@@ -47,6 +47,17 @@ def archive(tmp_path_factory: pytest.TempPathFactory, corpus: Synthetic) -> Path
     return write_dreamcatcher_archive(root, corpus, prefix=PREFIX, malformed=True, compresslevel=6)
 
 
+@pytest.fixture(params=["isal", "stdlib"])
+def gzip_reader(request, monkeypatch) -> str:
+    """Run a test with ISA-L's gzip reader (the default) and with the standard library's."""
+    if request.param == "stdlib":
+        monkeypatch.setattr(dreamcatcher_module, "_fast_gzip", None)
+    assert dreamcatcher_module.gzip_module().__name__.endswith(
+        "igzip" if request.param == "isal" else "gzip"
+    )
+    return request.param
+
+
 def _records(source, split: str) -> list[Clip | SkippedClip]:
     return list(source.iter_clips(split))
 
@@ -61,7 +72,7 @@ def _wav(wave: np.ndarray, sr: int = 16000, subtype: str = "PCM_16") -> bytes:
 
 
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
-def test_tarball_yields_every_clip_and_counts_every_bad_member(archive, corpus, split):
+def test_tarball_yields_every_clip_and_counts_every_bad_member(archive, corpus, split, gzip_reader):
     records = _records(DreamCatcher(root=str(archive)), split)
     clips = [r for r in records if isinstance(r, Clip)]
     skipped = [r for r in records if isinstance(r, SkippedClip)]
@@ -188,7 +199,13 @@ def test_fingerprint_is_cheap_stable_and_content_bound(archive, corpus, tmp_path
     assert [c.label for c in clips] == [c.label for c in other.iter_clips("train")]
 
 
-def test_truncated_tarball_is_one_clear_error_never_a_short_read(tmp_path):
+def test_not_a_gzip_file_is_one_clear_error(tmp_path, gzip_reader):
+    (tmp_path / "train.tar.gz").write_bytes(b"plain bytes, not gzip" * 100)
+    with pytest.raises(ArchiveError, match="not a .tar.gz"):
+        _records(DreamCatcher(root=str(tmp_path)), "train")
+
+
+def test_truncated_tarball_is_one_clear_error_never_a_short_read(tmp_path, gzip_reader):
     source = Synthetic(seed=1, clips_per_split={"train": 4})
     data = write_dreamcatcher_archive(tmp_path / "full", source, splits=("train",)) / "data"
     whole = (data / "train.tar.gz").read_bytes()
