@@ -1,25 +1,25 @@
 """How fast, and in how much memory, a whole night is turned into a snore timeline.
 
 Writes synthetic two-channel 16 kHz nights (8 h and 1 h by default) with
-:mod:`data.sources.night`, then runs the real prediction path on each, every run
-in a fresh process so its peak memory is its own: :class:`data.recording.RecordingWindows`
-(blocks from disk → windows → log-mel front end, frames shared by overlapping
-windows) → ``DataLoader(batch_size=None)`` → ``Trainer.predict`` with a TinyCNN
-:class:`models.classifier.Classifier` (``predict_engine`` auto: exported to ONNX
-Runtime when prediction starts, which the wall time includes) →
-:class:`util.callbacks.night.NightWriter` (events, summary, timeline). Prints the
-real-time factor (recording seconds per wall second) and peak RSS; the two
-lengths show whether memory stays flat as the night grows.
+:mod:`data.sources.night`, then runs the user's command on each,
+``main.py predict --config config/demo.yaml --ckpt_path ... --data.predict_audio ...``
+(in-process, through :func:`main.main`), every run in a fresh process so its peak
+memory is its own. That is :class:`data.recording.RecordingWindows` (blocks from disk →
+windows → log-mel front end, frames shared by overlapping windows) →
+``Trainer.predict`` with the TinyCNN :class:`models.classifier.Classifier`
+(``predict_engine`` auto: exported to ONNX Runtime when prediction starts, which the
+wall time includes) → :class:`util.callbacks.night.NightWriter` (events, summary,
+timeline). Prints the real-time factor (recording seconds per wall second) and peak
+RSS; the two lengths show whether memory stays flat as the night grows.
 
     python benchmarks/night.py                      # 8 h and 1 h, untrained TinyCNN
     python benchmarks/night.py --ckpt_path best.ckpt --hours 1
     python benchmarks/night.py --num_workers 1 --threads 1
     python benchmarks/night.py --engine torch --hours 2     # eager PyTorch instead
 
-Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a TinyCNN
-checkpoint of :mod:`models.classifier` for the demo's three classes) to also see
-sensible events. Targets on a
-2-core CPU: an 8-hour night in at most 60 s (RTF ≥ 480) under 1 GB.
+Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a checkpoint
+trained with ``config/demo.yaml``) to also see sensible events. Targets on a 2-core
+CPU: an 8-hour night in at most 60 s (RTF ≥ 480) under 1 GB.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+#: The demo's classes (``config/demo.yaml``), which the untrained checkpoint must match.
+CLASSES = ("quiet", "breathe", "snore")
+
 
 def _peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # kB on Linux
@@ -52,53 +55,69 @@ def _rss_now_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024.0
 
 
+def untrained_checkpoint(path: Path, seed: int) -> Path:
+    """A TinyCNN checkpoint as ``main.py fit`` writes it, with untrained weights.
+
+    Untrained weights run as fast as trained ones; the seed fixes the events.
+    """
+    import lightning
+    import torch
+
+    from models.classifier import Classifier
+
+    torch.manual_seed(seed)
+    model = Classifier(num_classes=3, class_names=list(CLASSES))
+    hparams = {
+        "backbone": {"class_path": "models.backbones.TinyCNN", "init_args": {}},
+        "num_classes": 3,
+        "in_channels": 2,
+        "class_names": list(CLASSES),
+        "input_shape": [2, 64, 101],
+    }
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
 def run_one(args: argparse.Namespace) -> dict:
-    """One timed prediction over ``args.audio`` in this process; returns the numbers."""
-    import lightning as L
+    """One timed ``main.py predict`` over ``args.audio`` in this process; returns the numbers."""
     import soundfile as sf
     import torch
-    from torch.utils.data import DataLoader
 
-    from data.features import LogMelFrontEnd
-    from data.recording import RecordingWindows
-    from models.classifier import Classifier
-    from util.callbacks.night import NightWriter
+    from main import main as cli
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # untrained weights: the same events on every run
-    front_end = LogMelFrontEnd()
-    model = Classifier(
-        num_classes=3, class_names=["quiet", "breathe", "snore"], predict_engine=args.engine
-    )
-    dataset = RecordingWindows(
-        args.audio,
-        front_end,
-        hop_s=args.hop_s,
-        batch_size=args.batch_size,
-        channels_last=not args.no_channels_last,
-    )
-    loader = DataLoader(dataset, batch_size=None, num_workers=args.num_workers)
-    writer = NightWriter(output_dir=args.output_dir)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[writer],
-    )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.ckpt_path or str(untrained_checkpoint(out / "untrained.ckpt", args.seed))
+    command = [
+        "predict",
+        "--config", str(ROOT / "config" / "demo.yaml"),
+        "--ckpt_path", ckpt,
+        "--data.predict_audio", args.audio,
+        "--data.batch_size", str(args.batch_size),
+        "--data.predict_hop_s", str(args.hop_s),
+        "--data.num_workers", str(args.num_workers),
+        "--model.init_args.predict_engine", args.engine,
+        "--night.output_dir", str(out),
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
     seconds = sf.info(args.audio).duration
-    baseline = _rss_now_mb()  # torch, Lightning and the model loaded; no audio yet
+    baseline = _rss_now_mb()  # torch, Lightning and the project imported; no model, no audio
     t0 = time.perf_counter()
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    trainer.predict(model, loader, ckpt_path=args.ckpt_path, return_predictions=False)
+    cli(command)
     wall = time.perf_counter() - t0
-    summary = json.loads(next(Path(args.output_dir).glob("*/summary.json")).read_text())
+    summary = json.loads(next(out.glob("*/summary.json")).read_text())
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -120,13 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hours", type=float, nargs="+", default=[8.0, 1.0], help="night lengths")
     parser.add_argument(
-        "--ckpt_path", default=None, help="TinyCNN Classifier checkpoint (optional)"
+        "--ckpt_path",
+        default=None,
+        help="a checkpoint trained with config/demo.yaml (default: untrained TinyCNN weights)",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="windows per batch")
     parser.add_argument("--hop_s", type=float, default=0.5, help="seconds between windows")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
-    parser.add_argument("--no_channels_last", action="store_true", help="plain memory order")
     parser.add_argument(
         "--engine",
         choices=["auto", "torch", "onnxruntime"],
@@ -168,8 +188,6 @@ def main() -> None:
         ]  # fmt: skip
         if args.ckpt_path:
             child += ["--ckpt_path", args.ckpt_path]
-        if args.no_channels_last:
-            child.append("--no_channels_last")
         res = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.stderr.write(res.stdout + res.stderr)
@@ -198,7 +216,7 @@ def main() -> None:
     print(
         "CPU (s): user + system time of the prediction, main process and workers; on an "
         "otherwise idle machine the wall time approaches CPU / cores. RSS before: the main "
-        "process with torch, Lightning and the model loaded, before any audio is read."
+        "process with torch, Lightning and the project imported, before the CLI starts."
     )
     if tmp is not None:
         tmp.cleanup()

@@ -74,6 +74,19 @@ def test_test_and_predict_from_the_checkpoint(fitted):
     assert torch.allclose(probs, tested.model.test_predictions["probs"], atol=1e-5)
 
 
+def test_run_time_options_of_the_command_line_win_over_the_checkpoints(fitted):
+    tmp_path, cli = fitted
+    best = cli.trainer.checkpoint_callback.best_model_path
+    stored = torch.load(best, weights_only=True, map_location="cpu")["hyper_parameters"]
+    assert stored["predict_engine"] == "auto"  # what fit saved
+    predicted = main(
+        ["predict", *tiny_args(tmp_path), "--ckpt_path", best]
+        + ["--model.init_args.predict_engine", "torch"]
+    )
+    assert predicted.model.predict_engine == "torch"
+    assert predicted.model.hparams.predict_engine == "torch"
+
+
 def test_checkpoint_of_another_backbone_is_refused(fitted, capsys):
     tmp_path, cli = fitted
     best = cli.trainer.checkpoint_callback.best_model_path
