@@ -56,31 +56,19 @@ def _rss_now_mb() -> float:
 
 
 def untrained_checkpoint(path: Path, seed: int) -> Path:
-    """A TinyCNN checkpoint as ``main.py fit`` writes it, with untrained weights.
+    """A TinyCNN checkpoint as ``main.py fit --config config/demo.yaml`` writes it, untrained.
 
     Untrained weights run as fast as trained ones; the seed fixes the events.
     """
-    import lightning
     import torch
 
-    from models.classifier import Classifier
+    from models.classifier import Classifier, build_like_cli, save_checkpoint
 
     torch.manual_seed(seed)
-    model = Classifier(num_classes=3, class_names=list(CLASSES))
-    hparams = {
-        "backbone": {"class_path": "models.backbones.TinyCNN", "init_args": {}},
-        "num_classes": 3,
-        "in_channels": 2,
-        "class_names": list(CLASSES),
-        "input_shape": [2, 64, 101],
-    }
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": hparams,
-        "pytorch-lightning_version": lightning.__version__,
-    }
-    torch.save(checkpoint, path)
-    return path
+    model = build_like_cli(
+        Classifier, "models.backbones.TinyCNN", num_classes=3, class_names=list(CLASSES)
+    )
+    return save_checkpoint(model, path)
 
 
 def run_one(args: argparse.Namespace) -> dict:

@@ -43,7 +43,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from models.classifier import Classifier, build_like_cli  # noqa: E402
+from models.classifier import Classifier, build_like_cli, save_checkpoint  # noqa: E402
 from models.distillation import DistillationClassifier  # noqa: E402
 
 INPUTS = {"reference": (1, 64, 501), "native": (2, 64, 101)}
@@ -88,11 +88,7 @@ def teacher_checkpoint(shape: tuple[int, ...], folder: Path) -> str:
     """A CRNN Classifier checkpoint (random weights) for the KD runs."""
     path = folder / f"crnn_{'x'.join(map(str, shape))}.ckpt"
     if not path.exists():
-        teacher = build(Classifier, "CRNN", shape)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=0,
-                             enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-        trainer.strategy.connect(teacher)
-        trainer.save_checkpoint(path)
+        save_checkpoint(build(Classifier, "CRNN", shape), path)
     return str(path)
 
 

@@ -7,7 +7,7 @@ resamples block by block without seams (:class:`BlockResampler`), and
 ``hop_s`` seconds and turns each batch of windows into features with the very
 front end the model was trained with.
 
-Input policy (the writer reports each case; see ``docs/night.md``):
+Input policy (the writer reports each case; see the README, "Analyse a night"):
 
 * **Rate**: any rate is resampled to the front end's with torchaudio's
   windowed-sinc filter, exactly as :func:`data.audio.resample` would do to the

@@ -6,12 +6,13 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import torchaudio.transforms as AT
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.utilities import rank_zero_warn
@@ -391,3 +392,26 @@ def build_like_cli(
     }
     with _given_hyperparameters_context(hparams, "lightning.pytorch.cli.instantiate_module"):
         return cls(backbone=factory, **kwargs)
+
+
+def save_checkpoint(module: LightningModule, path: str | Path) -> Path:
+    """Write ``module`` (e.g. from :func:`build_like_cli`, untrained) as a ``.ckpt`` file.
+
+    The file is what ``Trainer.save_checkpoint`` writes during fit (weights,
+    hyperparameters, Lightning's version), so ``--ckpt_path`` accepts it. Used by
+    tests and benchmarks that need a checkpoint without training one.
+    """
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        max_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.strategy.connect(module)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path

@@ -23,7 +23,7 @@ from data.datamodule import SleepSoundDataModule
 from data.features import LogMelFrontEnd
 from data.sources.synthetic import Synthetic
 from models.backbones import Backbone
-from models.classifier import Classifier, build_like_cli
+from models.classifier import Classifier, build_like_cli, save_checkpoint
 from models.distillation import DistillationClassifier
 from util import export as ex
 
@@ -60,18 +60,6 @@ def native_classifier(backbone: str = "models.backbones.TinyCNN", **kwargs: Any)
     return model.eval()
 
 
-def save_checkpoint(
-    model: pl.LightningModule, path: Path, trainer: pl.Trainer | None = None
-) -> Path:
-    if trainer is None:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=0,
-                             enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-        trainer.strategy.connect(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(path)
-    return path
-
-
 def data_section(cache_dir: Path) -> dict[str, Any]:
     """The ``data`` section of a run config over the small synthetic corpus."""
     return {
@@ -90,11 +78,11 @@ def data_section(cache_dir: Path) -> dict[str, Any]:
     }
 
 
-def make_run(root: Path, model: pl.LightningModule, cache_dir: Path, trainer=None) -> Path:
+def make_run(root: Path, model: pl.LightningModule, cache_dir: Path) -> Path:
     """A LightningCLI-like run folder: ``config.yaml`` beside ``checkpoints/model.ckpt``."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(yaml.safe_dump({"data": data_section(cache_dir)}))
-    return save_checkpoint(model, root / "checkpoints" / "model.ckpt", trainer)
+    return save_checkpoint(model, root / "checkpoints" / "model.ckpt")
 
 
 def random_batches(shapes: list[tuple[int, ...]], seed: int = 0) -> list[np.ndarray]:
@@ -332,7 +320,7 @@ def test_lightning_trained_tinycnn_exports_through_the_cli(tmp_path: Path, cache
     )
     with one_thread():
         trainer.fit(model, synthetic_dm(cache_dir, batch_size=16))
-    ckpt = make_run(tmp_path / "run", model, cache_dir, trainer)
+    ckpt = make_run(tmp_path / "run", model, cache_dir)
     assert ex.main(["--ckpt_path", str(ckpt), "--int8", "--no-progress"]) == 0
     report = json.loads((tmp_path / "run" / "export" / ex.REPORT_NAME).read_text())
     files, test = report["files"], report["test"]

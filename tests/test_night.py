@@ -24,7 +24,7 @@ from data.recording import (
     probe,
 )
 from data.sources.night import night_plan, truth_events, write_night
-from models.classifier import Classifier
+from models.classifier import Classifier, build_like_cli, save_checkpoint
 from util.callbacks.night import NightWriter
 from util.night import (
     Event,
@@ -547,39 +547,15 @@ def test_timeline_png(tmp_path):
 # -- main.py predict ----------------------------------------------------------------
 
 
-def _wired() -> bool:
-    import inspect
-
-    from data.datamodule import SleepSoundDataModule
-
-    return "predict_audio" in inspect.signature(SleepSoundDataModule).parameters
-
-
 def _checkpoint(path: Path) -> Path:
     """A TinyCNN checkpoint as ``main.py fit`` would write it (weights untrained)."""
-    import lightning
-
     torch.manual_seed(0)
-    model = Classifier(num_classes=3, class_names=CLASSES)
-    hparams = {
-        "backbone": {"class_path": "models.backbones.TinyCNN", "init_args": {}},
-        "num_classes": 3,
-        "in_channels": 2,
-        "class_names": CLASSES,
-        "input_shape": [2, 64, 101],
-    }
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": hparams,
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        path,
+    model = build_like_cli(
+        Classifier, "models.backbones.TinyCNN", num_classes=3, class_names=CLASSES
     )
-    return path
+    return save_checkpoint(model, path)
 
 
-@pytest.mark.skipif(not _wired(), reason="data.predict_audio is not wired yet (docs/night.md)")
 @pytest.mark.filterwarnings(*LIGHTNING_NOISE)
 def test_main_predict_writes_a_timeline_per_recording(tmp_path):
     from main import main
