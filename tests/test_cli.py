@@ -63,6 +63,12 @@ def test_test_and_predict_from_the_checkpoint(fitted):
     assert header[:4] == ["class", "precision", "recall", "f1"]
     board = list(csv.DictReader((tmp_path / "leaderboard.csv").read_text().splitlines()))
     assert board[-1]["model"] == "TinyCNN" and board[-1]["test_f1_macro"]
+    # A test-only run takes the tested checkpoint's validation score from the file.
+    val = float(cli.trainer.checkpoint_callback.best_model_score)
+    assert float(board[-1]["best_val_f1_macro"]) == pytest.approx(val)
+    run_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run_metrics["best_val_f1_macro"] == pytest.approx(val)
+    assert run_metrics["best_model_path"] == best
 
     predicted = main(["predict", *tiny_args(tmp_path), "--ckpt_path", best])
     probs = torch.cat(predicted.trainer.predict_loop.predictions)

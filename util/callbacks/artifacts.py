@@ -327,6 +327,32 @@ def append_leaderboard_row(
             os.fsync(f.fileno())
 
 
+def _checkpoint_validation(ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``best_val_f1_macro``, ``best_epoch``, ``best_model_path`` of a checkpoint file.
+
+    The score is the ``val/f1_macro`` its ``ModelCheckpoint`` saw when it wrote the file
+    (``current_score``): the validation score of exactly the weights being tested.
+    Unknown (``None``) when the file has no such callback state.
+    """
+    try:
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as err:
+        rank_zero_warn(f"run artifacts: cannot read {ckpt_path} for its validation score ({err})")
+        ckpt = {}
+    score = None
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if (
+            key.startswith("ModelCheckpoint")
+            and isinstance(state, Mapping)
+            and state.get("monitor") == BEST_MONITOR
+            and state.get("current_score") is not None
+        ):
+            score = _scalar(state["current_score"])
+            break
+    epoch = ckpt.get("epoch") if score is not None else None
+    return {"best_val_f1_macro": score, "best_epoch": epoch, "best_model_path": str(ckpt_path)}
+
+
 def _scalar(value: Any) -> Any:
     """A plain Python number from a tensor / numpy scalar; ``None`` for non-finite or non-scalar."""
     if isinstance(value, torch.Tensor):
@@ -533,6 +559,9 @@ class RunArtifacts(Callback):
                 break
         if score is None and history:
             score = max(v for _, v in history)
+        if score is None and not history and trainer.ckpt_path:
+            # A run that only tests a checkpoint: its validation score is in the file.
+            return _checkpoint_validation(trainer.ckpt_path)
         epoch = (
             min(history, key=lambda ev: abs(ev[1] - score))[0]
             if history and score is not None
