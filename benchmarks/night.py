@@ -93,6 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--model.init_args.predict_engine", args.engine,
         "--night.output_dir", str(out),
         "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(out),  # where the CLI saves its config.yaml
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     seconds = sf.info(args.audio).duration
