@@ -559,7 +559,7 @@ class RunArtifacts(Callback):
                 break
         if score is None and history:
             score = max(v for _, v in history)
-        if score is None and not history and trainer.ckpt_path:
+        if score is None and not history and trainer.testing and trainer.ckpt_path:
             # A run that only tests a checkpoint: its validation score is in the file.
             return _checkpoint_validation(trainer.ckpt_path)
         epoch = (
