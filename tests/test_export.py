@@ -281,14 +281,10 @@ def fit_head(model: Classifier, dm: SleepSoundDataModule, steps: int = 300) -> C
     return model.eval()
 
 
-def test_int8_is_smaller_and_still_classifies(tmp_path: Path, cache_dir: Path) -> None:
-    """Fast: a TinyCNN with a fitted head, exported and quantised, scored on the test split."""
-    torch.manual_seed(0)
-    with one_thread():
-        model = fit_head(native_classifier(), synthetic_dm(cache_dir))
-    ckpt = make_run(tmp_path / "run", model, cache_dir)
-    report = ex.export_checkpoint(ckpt, int8=True, progress=False)
-    files, test = report["files"], report["test"]
+def test_int8_is_smaller_and_still_classifies(fitted_run: Path) -> None:
+    """Fast: a TinyCNN with a fitted head, quantised in the scheme exact on this CPU, scored."""
+    report = ex.export_checkpoint(fitted_run, int8=True, progress=False)
+    files, test, val = report["files"], report["test"], report["validation"]
     # int8 weights are 25% of fp32; QDQ scales, int32 biases and the fp32 band statistics
     # add under 4% once compacted (the issue's target: at most 30%)
     assert files["int8"]["bytes"] <= 0.30 * files["fp32"]["bytes"]
@@ -297,7 +293,13 @@ def test_int8_is_smaller_and_still_classifies(tmp_path: Path, cache_dir: Path) -
     assert test["fp32"]["f1_macro"] > 0.6
     assert test["int8"]["f1_macro"] > 0.6
     assert abs(test["fp32"]["f1_macro"] - test["int8"]["f1_macro"]) < 0.05
+    # judged on every validation clip, within the default allowance, and said so
+    assert val["clips"] == open_cache(val["cache"]).n_rows
+    assert val["accepted"] and val["f1_macro_drop_pp"] <= ex.DEFAULT_MAX_INT8_DROP_PP
     assert report["calibration"]["clips"] == open_cache(report["calibration"]["cache"]).n_rows
+    assert report["calibration"]["scheme"] in ex.INT8_SCHEMES
+    assert report["calibration"]["kernels_agree_with_reference"] >= ex.MIN_KERNEL_AGREEMENT
+    assert "int8 scheme" in ex.format_report(report)
     assert ex.ort_session(files["int8"]["path"]).get_inputs()[0].shape == ["batch", 2, 64, "time"]
 
 
@@ -340,7 +342,9 @@ def test_int8_quantization_keeps_dynamic_axes_and_stays_close(tinycnn, tmp_path:
     graph = onnx.load(str(int8))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert meta["earsleep.quantization"] == "static int8 QDQ"
+    quantization = json.loads(meta["earsleep.quantization"])
+    assert quantization["format"] == "static int8 QDQ"
+    assert quantization["scheme"] == ex.choose_int8_scheme()[0].name
     assert json.loads(meta["earsleep.class_names"]) == CLASSES
     session = ex.ort_session(int8)
     for batch in random_batches([(1, 2, 64, 101), (5, 2, 64, 64)], seed=2):
@@ -408,7 +412,9 @@ def test_int8_keeps_the_project_metadata_and_drops_the_quantisers(tinycnn, tmp_p
     int8 = ex.quantize_int8(fp32, tmp_path / "tinycnn.int8.onnx", reader)
     before = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
     after = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
-    assert after == {**before, "earsleep.quantization": "static int8 QDQ"}
+    assert set(after) == {*before, "earsleep.quantization"}
+    assert after == {**before, "earsleep.quantization": after["earsleep.quantization"]}
+    assert not any(key.startswith("onnx.quant") for key in after)
     assert {"earsleep.class_names", "earsleep.input_shape", "earsleep.normalize"} <= set(after)
 
 
@@ -469,3 +475,174 @@ def test_predict_engine_auto_falls_back_to_torch_when_the_export_fails() -> None
 def test_predict_engine_is_checked() -> None:
     with pytest.raises(ValueError, match="predict_engine must be one of"):
         Classifier(predict_engine="tensorrt")
+
+
+# -- INT8 schemes: chosen for the CPU, refused when lossy -----------------------------------
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512bw avx512vl
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes crc32 atomics asimddp
+"""
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    assert {"avx2", "avx512f", "avx512bw"} <= ex.parse_cpu_flags(X86_CPUINFO)
+    assert "avx512_vnni" not in ex.parse_cpu_flags(X86_CPUINFO)
+    assert {"asimd", "asimddp"} <= ex.parse_cpu_flags(ARM_CPUINFO)
+    assert ex.parse_cpu_flags("") == set()
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "scheme"),
+    [
+        ("x86_64", {"sse4_2", "avx2", "fma"}, "u8s7"),  # AVX2 only: u8s8 saturates
+        ("x86_64", {"avx2", "avx512f", "avx512bw", "avx512vl"}, "u8s7"),  # AVX-512 without VNNI
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "u8s8"),
+        ("x86_64", {"avx2", "avx_vnni"}, "u8s8"),  # AVX-VNNI (Alder Lake and later)
+        ("x86_64", {"avx2", "amx_int8"}, "u8s8"),
+        ("AMD64", None, "u8s7"),  # another x86 whose flags are not known: the safe scheme
+        ("aarch64", None, "u8s8"),
+        ("arm64", None, "u8s8"),
+    ],
+)
+def test_auto_scheme_follows_the_cpu(machine: str, flags: set[str] | None, scheme: str) -> None:
+    chosen, reason = ex.choose_int8_scheme(machine, flags)
+    assert chosen.name == scheme
+    assert reason  # the report and the metadata say why
+    assert ex.INT8_SCHEMES[scheme] is chosen
+
+
+def test_an_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="u8s7"):
+        ex.resolve_int8_scheme("u4s4")
+    assert ex.build_parser().parse_args(["--ckpt_path", "x"]).int8_scheme == "auto"
+
+
+def _weights_and_zero_points(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The int8 weight initializers and the activation QuantizeLinear zero points of a QDQ file."""
+    proto = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    weights = [a for a in inits.values() if a.dtype == np.int8 and a.ndim >= 2]
+    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    return weights, zero_points
+
+
+@pytest.mark.parametrize("scheme", ["u8s8", "u8s7", "s8s8"])
+def test_each_scheme_writes_the_integers_it_names(scheme: str, tinycnn, tmp_path: Path) -> None:
+    """Integer types, weight range and symmetry, read back from the file (no kernel runs)."""
+    _, fp32 = tinycnn
+    reader = ex.CalibrationReader(lambda: iter(random_batches([(8, 2, 64, 101)] * 2, seed=1)))
+    path = ex.quantize_int8(fp32, tmp_path / f"{scheme}.int8.onnx", reader, scheme=scheme)
+    weights, zero_points = _weights_and_zero_points(path)
+    assert weights and zero_points
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    if scheme == "u8s7":
+        assert peak <= 64  # 7-bit weights: pair sums of u8 × s7 stay inside int16
+    else:
+        assert peak == 127  # per-channel symmetric: each channel's largest weight maps to 127
+    if scheme == "s8s8":
+        assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8
+    else:
+        assert all(z.dtype == np.uint8 for z in zero_points)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    quantization = json.loads(meta["earsleep.quantization"])
+    assert quantization["scheme"] == scheme
+    assert quantization["target"] == ex.INT8_SCHEMES[scheme].target
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A run folder with a TinyCNN whose head is fitted (test macro-F1 about 0.74)."""
+    torch.manual_seed(0)
+    with one_thread():
+        model = fit_head(native_classifier(), synthetic_dm(cache_dir))
+    return make_run(tmp_path_factory.mktemp("fitted"), model, cache_dir)
+
+
+class SqueezedCalibration(ex.CalibrationReader):
+    """Calibration on features squeezed to 5% of their spread: real clips then clip in int8."""
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = super().get_next()
+        if item is not None:
+            x = item["features"]
+            item["features"] = (x - x.mean()) * 0.05 + x.mean()
+        return item
+
+
+def test_an_int8_file_that_loses_too_much_is_refused(
+    fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(ex, "CalibrationReader", SqueezedCalibration)
+    out = tmp_path / "out"
+    with pytest.raises(ex.Int8LossError) as info:
+        ex.export_checkpoint(fitted_run, out=out, int8=True, progress=False)
+    err = info.value
+    assert err.drop_pp > 0.5 and err.max_drop_pp == 0.5
+    message = str(err)
+    assert "\n" not in message
+    assert f"{err.fp32_f1:.4f}" in message and f"{err.int8_f1:.4f}" in message
+    assert "--max_int8_drop_pp" in message
+    # nothing is lost: the refused file is kept under a name no one mistakes for a good one
+    assert not (out / "tinycnn.int8.onnx").exists()
+    assert (out / "tinycnn.int8.rejected.onnx").is_file()
+    report = json.loads((out / ex.REPORT_NAME).read_text())
+    assert report["validation"]["accepted"] is False
+    assert report["files"]["int8"]["rejected"] is True
+    # the CLI: exit 1, one line; the flag it names accepts the same file
+    args = ["--ckpt_path", str(fitted_run), "--out", str(out), "--int8", "--no-progress"]
+    assert ex.main(args) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("export failed")]
+    assert len(lines) == 1 and "loses" in lines[0]
+    assert ex.main([*args, "--max_int8_drop_pp", "inf"]) == 0
+    assert (out / "tinycnn.int8.onnx").is_file()
+
+
+def test_auto_takes_7_bit_weights_when_the_kernels_disagree_with_the_reference(
+    fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a CPU without VNNI does to u8s8, simulated on any CPU: the fallback and its report.
+
+    The CPU is said to have VNNI, and the fused kernels of a u8s8 file are made to answer
+    with the logits of other clips (as saturated sums do); ``auto`` must notice against the
+    QDQ reference and re-quantise with 7-bit weights.
+    """
+    monkeypatch.setattr(
+        ex, "choose_int8_scheme", lambda: (ex.INT8_SCHEMES["u8s8"], "x86 CPU with avx512_vnni")
+    )
+    real_session = ex.ort_session
+
+    class Saturating:
+        def __init__(self, session: ort.InferenceSession) -> None:
+            self.session = session
+
+        def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            (logits,) = self.session.run(names, feed)
+            return [np.roll(logits, 1, axis=1)]  # every clip answered as another class
+
+    def session(path: Path, threads: int = 0, spin: bool = True, optimize: bool = True):
+        real = real_session(path, threads, spin, optimize)
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        scheme = json.loads(meta.get("earsleep.quantization", "{}")).get("scheme")
+        return Saturating(real) if optimize and scheme == "u8s8" else real
+
+    monkeypatch.setattr(ex, "ort_session", session)
+    report = ex.export_checkpoint(
+        fitted_run, out=tmp_path / "out", int8=True, progress=False, max_int8_drop_pp=5
+    )
+    calibration = report["calibration"]
+    assert calibration["scheme"] == "u8s7"
+    assert "saturation" in calibration["scheme_reason"]
+    assert calibration["kernels_agree_with_reference"] >= ex.MIN_KERNEL_AGREEMENT
+    meta = {p.key: p.value for p in onnx.load(report["files"]["int8"]["path"]).metadata_props}
+    assert json.loads(meta["earsleep.quantization"])["scheme"] == "u8s7"
+    # asked for by name, a scheme is kept even when the kernels disagree: the guard decides
+    with pytest.raises(ex.Int8LossError, match="scheme u8s8"):
+        ex.export_checkpoint(
+            fitted_run, out=tmp_path / "named", int8=True, int8_scheme="u8s8", progress=False
+        )

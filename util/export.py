@@ -10,10 +10,14 @@
   (``torch.onnx.export(..., dynamo=True)``); class names, feature config and hash
   travel in the model's metadata.
 - ``<backbone>.int8.onnx`` (``--int8``): ONNX Runtime static quantisation, QDQ format,
-  per-channel int8 weights and uint8 activations, calibrated on validation clips
-  after ``quant_pre_process``.
-- ``export_report.json``: parity, file sizes, and accuracy / macro-F1 of each file on
-  the test cache, also printed as a table.
+  per-channel int8 weights, calibrated on validation clips after ``quant_pre_process``,
+  in the integer types of ``--int8_scheme`` (:data:`INT8_SCHEMES`; ``auto`` picks the
+  one that is exact on this CPU, see :func:`choose_int8_scheme`). It is judged against
+  fp32 on the validation split and refused (:class:`Int8LossError`) when it loses more
+  than ``--max_int8_drop_pp`` (0.5) points of macro-F1.
+- ``export_report.json``: parity, file sizes, the int8 scheme and why, int8 against fp32
+  on validation, and accuracy / macro-F1 of each file on the test cache, also printed
+  as a table.
 
 Which features and caches: the model's features are the ``data`` section of the
 run's ``config.yaml`` (LightningCLI writes it next to ``checkpoints/``; ``--config``
@@ -38,6 +42,8 @@ import importlib
 import itertools
 import json
 import logging
+import math
+import platform
 import re
 import string
 import sys
@@ -75,18 +81,26 @@ __all__ = [
     "CalibrationReader",
     "ExportError",
     "FeatureMismatchError",
+    "INT8_SCHEMES",
+    "Int8LossError",
+    "Int8Scheme",
     "OnnxRuntimeRunner",
     "ParityError",
     "RunData",
     "UnsupportedOperatorError",
     "check_parity",
+    "choose_int8_scheme",
+    "cpu_flags",
     "evaluate_onnx",
     "export_checkpoint",
     "export_onnx",
+    "int8_guard",
     "load_classifier",
     "main",
     "ort_session",
+    "parse_cpu_flags",
     "quantize_int8",
+    "resolve_int8_scheme",
     "resolve_run_data",
 ]
 
@@ -96,6 +110,11 @@ INPUT_NAME = "features"
 OUTPUT_NAME = "logits"
 #: Largest |logit difference| between ONNX fp32 and PyTorch that still counts as equal.
 DEFAULT_TOLERANCE = 1e-4
+#: Most validation macro-F1 (percentage points) an int8 file may lose against fp32.
+DEFAULT_MAX_INT8_DROP_PP = 0.5
+#: Least share of validation clips on which this CPU's fused int8 kernels must predict
+#: what the QDQ reference arithmetic predicts; below it ``auto`` takes 7-bit weights.
+MIN_KERNEL_AGREEMENT = 0.99
 REPORT_NAME = "export_report.json"
 _CALIB_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -136,6 +155,26 @@ class ParityError(ExportError):
         super().__init__(message)
         self.max_abs_diff = max_abs_diff
         self.tolerance = tolerance
+
+
+class Int8LossError(ExportError):
+    """The int8 file loses more validation macro-F1 than allowed against fp32.
+
+    Attributes:
+        fp32_f1: fp32 validation macro-F1.
+        int8_f1: int8 validation macro-F1.
+        drop_pp: ``100 * (fp32_f1 - int8_f1)``.
+        max_drop_pp: the allowed drop.
+    """
+
+    def __init__(
+        self, message: str, fp32_f1: float, int8_f1: float, drop_pp: float, max_drop_pp: float
+    ) -> None:
+        super().__init__(message)
+        self.fp32_f1 = fp32_f1
+        self.int8_f1 = int8_f1
+        self.drop_pp = drop_pp
+        self.max_drop_pp = max_drop_pp
 
 
 class FeatureMismatchError(ExportError):
@@ -588,12 +627,167 @@ def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# INT8 schemes: which integer arithmetic is exact on which CPU
+# ---------------------------------------------------------------------------------------
+# ONNX Runtime's x86 u8s8 kernels multiply uint8 activations by int8 weights with
+# ``vpmaddubsw``, which adds pairs of products into int16 and saturates there (2 × 255 ×
+# 127 > 32767) on CPUs without VNNI (AVX2, AVX-512F/BW without VNNI). VNNI's ``vpdpbusd``
+# accumulates in int32 and is exact. ARM kernels widen to 32 bits. 7-bit weights
+# (``reduce_range``) keep every pair sum within int16, at the cost of one bit of weight
+# precision; on a microcontroller (Arm CMSIS-NN, TFLite Micro) every product is summed in
+# 32 bits, so the device flavour keeps 8-bit symmetric weights and activations.
+
+#: CPU flags (Linux ``/proc/cpuinfo`` spelling) of x86 int8 dot products with int32 sums.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """One way to quantise: the integer types and where the arithmetic is exact.
+
+    Attributes:
+        name: the ``--int8_scheme`` value.
+        activation_type: ``uint8`` or ``int8`` activations.
+        reduce_range: 7-bit weights instead of 8-bit.
+        symmetric_activations: activation zero points fixed at 0.
+        target: where this scheme runs exactly.
+        reference_scoring: score the int8 file by running its QDQ graph as float
+            operations (what a 32-bit-accumulating runtime computes) instead of with
+            this host's fused int8 kernels, which are not the target's.
+    """
+
+    name: str
+    activation_type: str
+    reduce_range: bool
+    symmetric_activations: bool
+    target: str
+    reference_scoring: bool = False
+
+
+INT8_SCHEMES: dict[str, Int8Scheme] = {
+    s.name: s
+    for s in (
+        Int8Scheme(
+            "u8s8",
+            "uint8",
+            reduce_range=False,
+            symmetric_activations=False,
+            target="ONNX Runtime on x86 CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and on ARM",
+        ),
+        Int8Scheme(
+            "u8s7",
+            "uint8",
+            reduce_range=True,
+            symmetric_activations=False,
+            target="ONNX Runtime on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI): "
+            "7-bit weights cannot saturate the 16-bit pair sums",
+        ),
+        Int8Scheme(
+            "s8s8",
+            "int8",
+            reduce_range=False,
+            symmetric_activations=True,
+            target="microcontrollers (Arm CMSIS-NN, TFLite Micro): symmetric int8 activations "
+            "and per-channel symmetric int8 weights, summed in 32 bits",
+            reference_scoring=True,
+        ),
+    )
+}
+
+
+def parse_cpu_flags(cpuinfo: str) -> set[str]:
+    """The flags of a Linux ``/proc/cpuinfo`` text (x86 ``flags``, ARM ``Features``)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags, or ``None`` where they cannot be read.
+
+    Linux: ``/proc/cpuinfo``. macOS: ``sysctl machdep.cpu`` (lower-cased, ``.``
+    spelled ``_``, e.g. ``AVX512VNNI`` → ``avx512vnni``, so the VNNI names are added).
+    """
+    try:
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        flags = {f.lower().replace(".", "_") for f in out.split()}
+        if "avx512vnni" in flags:
+            flags.add("avx512_vnni")
+        if "avxvnni" in flags:
+            flags.add("avx_vnni")
+        return flags
+    return None
+
+
+def choose_int8_scheme(
+    machine: str | None = None, flags: set[str] | None = None
+) -> tuple[Int8Scheme, str]:
+    """The host scheme whose int8 arithmetic is exact on this CPU, and why.
+
+    Args:
+        machine: ``platform.machine()`` (default: this one's).
+        flags: CPU feature flags (default: :func:`cpu_flags`); ``None`` when unknown.
+
+    Returns:
+        ``(scheme, reason)``: ``u8s8`` on x86 with VNNI and on non-x86 CPUs, ``u8s7``
+        on x86 without VNNI or when the flags cannot be read (it cannot saturate).
+    """
+    machine = (machine or platform.machine() or "unknown").lower()
+    if machine not in _X86:
+        return INT8_SCHEMES["u8s8"], f"{machine} CPU: ONNX Runtime sums int8 products in 32 bits"
+    if flags is None and machine == platform.machine().lower():
+        flags = cpu_flags()
+    if flags is None:
+        return INT8_SCHEMES["u8s7"], (
+            "x86 CPU whose flags could not be read: 7-bit weights, which cannot saturate"
+        )
+    found = [f for f in VNNI_FLAGS if f in flags]
+    if found:
+        return INT8_SCHEMES["u8s8"], (
+            f"x86 CPU with {'/'.join(found)}: u8s8 products are summed in 32 bits, exactly"
+        )
+    return INT8_SCHEMES["u8s7"], (
+        "x86 CPU without VNNI: ONNX Runtime's u8s8 kernels add pairs of products in 16 bits, "
+        "which saturates; 7-bit weights cannot"
+    )
+
+
+def resolve_int8_scheme(name: str = "auto") -> tuple[Int8Scheme, str]:
+    """``(scheme, reason)`` for an ``--int8_scheme`` value (``auto`` or a scheme name)."""
+    if name == "auto":
+        return choose_int8_scheme()
+    if name not in INT8_SCHEMES:
+        raise ValueError(f"int8 scheme must be auto or one of {sorted(INT8_SCHEMES)}, got {name!r}")
+    return INT8_SCHEMES[name], "chosen by --int8_scheme"
+
+
+# ---------------------------------------------------------------------------------------
 # ONNX Runtime: sessions, parity, quantisation, scoring
 # ---------------------------------------------------------------------------------------
 
 
-def ort_session(path: str | Path, threads: int = 0, spin: bool = True) -> ort.InferenceSession:
-    """A CPU session with every graph optimisation on.
+def ort_session(
+    path: str | Path, threads: int = 0, spin: bool = True, optimize: bool = True
+) -> ort.InferenceSession:
+    """A CPU session, by default with every graph optimisation on.
 
     Args:
         path: the ``.onnx`` file.
@@ -602,11 +796,19 @@ def ort_session(path: str | Path, threads: int = 0, spin: bool = True) -> ort.In
         spin: let idle intra-op threads spin between runs (ONNX Runtime's default,
             lowest latency). Turn it off when other work (PyTorch's own threads) shares
             the cores between runs: spinning threads then take its CPU time.
+        optimize: ``ORT_ENABLE_ALL``; ``False`` disables every graph optimisation, so
+            a QDQ int8 graph runs as written, ``DequantizeLinear`` → float operator →
+            ``QuantizeLinear``: the int8 model's reference arithmetic, free of this CPU's
+            fused int8 kernels (and of their saturation without VNNI).
     """
     options = ort.SessionOptions()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -744,32 +946,35 @@ def quantize_int8(
     fp32_path: str | Path,
     int8_path: str | Path,
     reader: CalibrationDataReader,
+    scheme: str | Int8Scheme = "auto",
     per_channel: bool = True,
-    activation_type: str = "uint8",
-    reduce_range: bool = False,
     calibrate_method: str = "minmax",
     compact_graph: bool = True,
+    reason: str | None = None,
 ) -> Path:
     """Static INT8 quantisation (QDQ) of an fp32 ONNX file.
 
     Runs ``quant_pre_process`` (shape inference and graph optimisation; ONNX shape
     inference alone when ONNX Runtime's symbolic shape inference gives up, as on
-    TinyCNN-CBAM), then ``quantize_static`` with int8 weights. The model metadata is
-    the fp32 file's plus ``earsleep.quantization`` (the quantiser's own keys, e.g.
-    ``onnx.quant.pre_process``, are dropped); the exporter's per-node debug metadata
-    is dropped too.
+    TinyCNN-CBAM), then ``quantize_static`` with int8 weights in the types of ``scheme``.
+    The model metadata is the fp32 file's plus ``earsleep.quantization`` (a JSON object:
+    scheme, why it was chosen, its target, the integer types); the quantiser's own keys
+    (e.g. ``onnx.quant.pre_process``) and the exporter's per-node debug metadata are
+    dropped.
 
     Args:
         fp32_path: the exported fp32 model.
         int8_path: where to write the quantised model.
         reader: calibration batches (e.g. :class:`CalibrationReader`).
+        scheme: ``auto`` (:func:`choose_int8_scheme`: exact on this CPU), a name of
+            :data:`INT8_SCHEMES` (``u8s8``, ``u8s7``, ``s8s8``) or an :class:`Int8Scheme`.
         per_channel: one weight scale per output channel.
-        activation_type: ``uint8`` (x86 U8S8, the default) or ``int8`` (symmetric, ARM).
-        reduce_range: 7-bit weights, for x86 CPUs without VNNI.
         calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
         compact_graph: shrink the file with :func:`compact` (same computation, same
             ONNX Runtime kernels); ``False`` keeps the quantiser's tensor and node
             names, for reading the graph.
+        reason: why this scheme, for the metadata (default: what
+            :func:`resolve_int8_scheme` says).
 
     Returns:
         ``int8_path``.
@@ -778,8 +983,11 @@ def quantize_int8(
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     if calibrate_method not in _CALIB_METHODS:
         raise ValueError(f"calibrate_method must be one of {sorted(_CALIB_METHODS)}")
-    if activation_type not in _ACTIVATION_TYPES:
-        raise ValueError(f"activation_type must be one of {sorted(_ACTIVATION_TYPES)}")
+    if isinstance(scheme, Int8Scheme):
+        chosen, why = scheme, "given"
+    else:
+        chosen, why = resolve_int8_scheme(scheme)
+    reason = reason or why
     with tempfile.TemporaryDirectory(prefix="earsleep-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
@@ -793,11 +1001,15 @@ def quantize_int8(
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
-            reduce_range=reduce_range,
-            activation_type=_ACTIVATION_TYPES[activation_type],
+            reduce_range=chosen.reduce_range,
+            activation_type=_ACTIVATION_TYPES[chosen.activation_type],
             weight_type=QuantType.QInt8,
             calibrate_method=_CALIB_METHODS[calibrate_method],
             calibration_providers=["CPUExecutionProvider"],
+            extra_options={
+                "ActivationSymmetric": chosen.symmetric_activations,
+                "WeightSymmetric": True,
+            },
         )
     source = onnx.load(str(fp32_path), load_external_data=False)
     metadata = {p.key: p.value for p in source.metadata_props}
@@ -806,7 +1018,18 @@ def quantize_int8(
     if compact_graph:
         compact(proto)
     del proto.metadata_props[:]
-    _set_metadata(proto, {**metadata, "earsleep.quantization": "static int8 QDQ"})
+    quantization = {
+        "format": "static int8 QDQ",
+        "scheme": chosen.name,
+        "reason": reason,
+        "target": chosen.target,
+        "activations": chosen.activation_type
+        + (" symmetric" if chosen.symmetric_activations else " asymmetric"),
+        "weights": f"int8 symmetric {'7-bit' if chosen.reduce_range else '8-bit'}"
+        + (" per-channel" if per_channel else " per-tensor"),
+        "calibrate_method": calibrate_method,
+    }
+    _set_metadata(proto, {**metadata, "earsleep.quantization": json.dumps(quantization)})
     onnx.save(proto, str(int8_path))
     return int8_path
 
@@ -869,10 +1092,8 @@ def load_classifier(ckpt_path: str | Path) -> Classifier:
         ExportError: the checkpoint cannot be restored.
     """
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ExportError(f"no checkpoint at {ckpt_path}")
     cls: type[Classifier] = Classifier
-    class_path = _checkpoint_class_path(ckpt_path)
+    class_path = _checkpoint_class_path(ckpt_path)  # refuses anything but weights, in one line
     if class_path:
         module_name, _, name = class_path.rpartition(".")
         try:
@@ -885,7 +1106,7 @@ def load_classifier(ckpt_path: str | Path) -> Classifier:
             raise ExportError(f"{ckpt_path} holds a {class_path}, not a Classifier")
         cls = found
     try:
-        model = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+        model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ExportError(
             f"cannot restore {ckpt_path} as {cls.__name__}: {type(err).__name__}: {err}"
@@ -894,11 +1115,20 @@ def load_classifier(ckpt_path: str | Path) -> Classifier:
 
 
 def _checkpoint_class_path(ckpt_path: Path) -> str | None:
-    """The ``_class_path`` hyperparameter of a checkpoint, if any."""
+    """The ``_class_path`` hyperparameter of a checkpoint, if any.
+
+    The file is read weights-only: a checkpoint holding any other object (whose
+    unpickling could run code) is refused, never retried with the full unpickler.
+
+    Raises:
+        ExportError: the file is missing, unreadable or holds more than weights.
+    """
+    from util.checkpoint import CheckpointError, read_checkpoint  # here: the imports are shared
+
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # hparams holding classes (not written by the CLI) need the full unpickler
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
     class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
     return str(class_path) if class_path else None
 
@@ -1167,14 +1397,20 @@ def export_checkpoint(
     min_time: int = 8,
     opset: int | None = None,
     per_channel: bool = True,
-    activation_type: str = "uint8",
-    reduce_range: bool = False,
+    int8_scheme: str = "auto",
+    max_int8_drop_pp: float = DEFAULT_MAX_INT8_DROP_PP,
+    val_clips: int | None = None,
     calibrate_method: str = "minmax",
     threads: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export a checkpoint to ONNX (and INT8), check parity, score both on the test cache.
+
+    With ``int8``, the int8 file is also scored against fp32 on the validation split
+    (``val_clips`` clips, default all): if it loses more than ``max_int8_drop_pp``
+    points of macro-F1 it is kept as ``<backbone>.int8.rejected.onnx``, the report is
+    written, and :class:`Int8LossError` is raised.
 
     See the module docstring and ``python -m util.export --help`` for every argument;
     they are the CLI's options.
@@ -1184,7 +1420,7 @@ def export_checkpoint(
 
     Raises:
         ExportError: any failure (no config, mismatched cache, unsupported operator,
-            parity beyond ``tolerance``).
+            parity beyond ``tolerance``, an int8 file that loses too much).
     """
     ckpt_path = Path(ckpt_path)
     model = load_classifier(ckpt_path)
@@ -1235,21 +1471,67 @@ def export_checkpoint(
         "versions": _versions(),
     }
     sessions = {"fp32": fp32}
+    rejected: Int8LossError | None = None
     if int8:
-        int8_path = out_dir / f"{stem}.int8.onnx"
+        val_rows = val.sample(val_clips, seed + 3)
+
+        def score(session: ort.InferenceSession, name: str) -> dict[str, Any]:
+            return evaluate_onnx(
+                session,
+                val.batches(batch_size, val_rows),
+                len(data.class_names),
+                progress=progress,
+                desc=f"validation {name}",
+                total=-(-len(val_rows) // batch_size),
+            )
+
         calib_rows = val.sample(calib_clips, seed + 1)
-        reader = CalibrationReader(lambda: (x for x, _ in val.batches(batch_size, calib_rows)))
-        log.info("quantising to %s, calibrated on %d validation clips", int8_path, len(calib_rows))
-        quantize_int8(
-            fp32_path,
-            int8_path,
-            reader,
-            per_channel=per_channel,
-            activation_type=activation_type,
-            reduce_range=reduce_range,
-            calibrate_method=calibrate_method,
-        )
-        sessions["int8"] = ort_session(int8_path, threads)
+        int8_path = out_dir / f"{stem}.int8.onnx"
+        scheme, reason = resolve_int8_scheme(int8_scheme)
+        while True:
+            reader = CalibrationReader(lambda: (x for x, _ in val.batches(batch_size, calib_rows)))
+            log.info(
+                "quantising to %s with scheme %s (%s), calibrated on %d validation clips",
+                int8_path,
+                scheme.name,
+                reason,
+                len(calib_rows),
+            )
+            quantize_int8(
+                fp32_path,
+                int8_path,
+                reader,
+                scheme=scheme,
+                reason=reason,
+                per_channel=per_channel,
+                calibrate_method=calibrate_method,
+            )
+            kernels = ort_session(int8_path, threads)
+            reference = ort_session(int8_path, threads, optimize=False)
+            kernel_scores, reference_scores = score(kernels, "int8"), score(reference, "int8 ref")
+            kernel_agreement = float(
+                np.mean(kernel_scores["predictions"] == reference_scores["predictions"])
+            )
+            # ``auto`` read the CPU's flags; this measures what its kernels really compute
+            # (an emulator or a hypervisor can report flags the kernels do not get).
+            if (
+                int8_scheme == "auto"
+                and scheme.name == "u8s8"
+                and kernel_agreement < MIN_KERNEL_AGREEMENT
+            ):
+                reason = (
+                    f"{reason}, but its int8 kernels agreed with the QDQ reference on only "
+                    f"{100 * kernel_agreement:.1f}% of validation clips (saturation): "
+                    "7-bit weights instead"
+                )
+                log.warning("int8: %s", reason)
+                scheme = INT8_SCHEMES["u8s7"]
+                continue
+            break
+        # The device flavour is scored as its target computes it (32-bit sums), not with
+        # this host's fused kernels; the host schemes with the kernels a user will run.
+        sessions["int8"] = reference if scheme.reference_scoring else kernels
+        int8_scores = reference_scores if scheme.reference_scoring else kernel_scores
         report["files"]["int8"] = {"path": str(int8_path), "bytes": int8_path.stat().st_size}
         report["files"]["int8"]["ratio_to_fp32"] = (
             report["files"]["int8"]["bytes"] / report["files"]["fp32"]["bytes"]
@@ -1260,10 +1542,48 @@ def export_checkpoint(
             "method": calibrate_method,
             "format": "QDQ",
             "per_channel": per_channel,
-            "activation_type": activation_type,
+            "scheme": scheme.name,
+            "scheme_reason": reason,
+            "scheme_target": scheme.target,
+            "activation_type": scheme.activation_type,
+            "symmetric_activations": scheme.symmetric_activations,
             "weight_type": "int8",
-            "reduce_range": reduce_range,
+            "reduce_range": scheme.reduce_range,
+            "scored_with": "QDQ reference (no graph optimisation)"
+            if scheme.reference_scoring
+            else "ONNX Runtime's fused int8 kernels (ORT_ENABLE_ALL)",
+            "kernels_agree_with_reference": kernel_agreement,
+            "cpu": _cpu_summary(),
         }
+        guard = int8_guard(score(fp32, "fp32"), int8_scores, max_int8_drop_pp)
+        report["validation"] = {"cache": str(val.path), "clips": int(len(val_rows)), **guard}
+        log.info(
+            "int8 on %d validation clips: macro-F1 %.4f vs fp32 %.4f (%+.2f pp), agreement %.2f%%",
+            len(val_rows),
+            guard["int8"]["f1_macro"],
+            guard["fp32"]["f1_macro"],
+            -guard["f1_macro_drop_pp"],
+            100 * guard["int8_agreement_with_fp32"],
+        )
+        if not guard["accepted"]:
+            kept = int8_path.with_name(f"{stem}.int8.rejected.onnx")
+            int8_path.replace(kept)
+            report["files"]["int8"]["path"] = str(kept)
+            report["files"]["int8"]["rejected"] = True
+            rejected = Int8LossError(
+                f"int8 (scheme {scheme.name}: {reason}) loses "
+                f"{guard['f1_macro_drop_pp']:.2f} pp of validation macro-F1 "
+                f"(fp32 {guard['fp32']['f1_macro']:.4f}, int8 {guard['int8']['f1_macro']:.4f}, "
+                f"agreement {100 * guard['int8_agreement_with_fp32']:.1f}% on {len(val_rows)} "
+                f"clips), more than --max_int8_drop_pp {max_int8_drop_pp:g}; kept as {kept}; "
+                f"try another --int8_scheme (one of {', '.join(INT8_SCHEMES)}) or pass "
+                f"--max_int8_drop_pp {math.ceil(guard['f1_macro_drop_pp'] + 0.5):g} to accept it",
+                fp32_f1=guard["fp32"]["f1_macro"],
+                int8_f1=guard["int8"]["f1_macro"],
+                drop_pp=guard["f1_macro_drop_pp"],
+                max_drop_pp=max_int8_drop_pp,
+            )
+            del sessions["int8"]
 
     rows = test.sample(test_clips, seed + 2)
     n_batches = -(-len(rows) // batch_size)
@@ -1289,7 +1609,56 @@ def export_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     report["report_path"] = str(out_dir / REPORT_NAME)
+    if rejected is not None:
+        raise rejected
     return report
+
+
+def int8_guard(
+    fp32: dict[str, Any], int8: dict[str, Any], max_drop_pp: float = DEFAULT_MAX_INT8_DROP_PP
+) -> dict[str, Any]:
+    """Judge an int8 file against its fp32 twin on the same clips.
+
+    Args:
+        fp32: :func:`evaluate_onnx` of the fp32 file.
+        int8: :func:`evaluate_onnx` of the int8 file, on the same clips in the same order.
+        max_drop_pp: the most macro-F1 (in percentage points) int8 may lose.
+
+    Returns:
+        ``fp32`` and ``int8`` (``acc``, ``f1_macro``), ``f1_macro_drop_pp``,
+        ``int8_agreement_with_fp32``, ``max_drop_pp`` and ``accepted``.
+    """
+    if len(fp32["predictions"]) != len(int8["predictions"]):
+        raise ValueError("fp32 and int8 were scored on different clips")
+    drop = 100 * (fp32["f1_macro"] - int8["f1_macro"])
+    agreement = float(np.mean(int8["predictions"] == fp32["predictions"]))
+    return {
+        "fp32": {"acc": fp32["acc"], "f1_macro": fp32["f1_macro"]},
+        "int8": {"acc": int8["acc"], "f1_macro": int8["f1_macro"]},
+        "f1_macro_drop_pp": drop,
+        "int8_agreement_with_fp32": agreement,
+        "max_drop_pp": max_drop_pp,
+        "accepted": bool(drop <= max_drop_pp),
+    }
+
+
+def _cpu_summary() -> dict[str, Any]:
+    flags = cpu_flags()
+    return {
+        "machine": platform.machine(),
+        "processor": _cpu_model_name(),
+        "vnni_flags": None if flags is None else [f for f in VNNI_FLAGS if f in flags],
+    }
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -1310,11 +1679,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'macro-F1':<12}" + "".join(f"{test[n]['f1_macro']:>{width}.4f}" for n in names),
     ]
     if "int8" in names:
+        cal, val = report["calibration"], report["validation"]
         lines += [
             "",
+            f"int8 scheme {cal['scheme']}: {cal['scheme_reason']}; for {cal['scheme_target']}",
             f"int8 file is {100 * report['files']['int8']['ratio_to_fp32']:.1f}% of fp32; "
-            f"macro-F1 change {-test['f1_macro_drop_pp']:+.2f} pp; "
-            f"int8 agrees with fp32 on {100 * test['int8_agreement_with_fp32']:.2f}% of clips",
+            f"test macro-F1 change {-test['f1_macro_drop_pp']:+.2f} pp, "
+            f"agreement with fp32 {100 * test['int8_agreement_with_fp32']:.2f}%; "
+            f"validation {-val['f1_macro_drop_pp']:+.2f} pp, "
+            f"{100 * val['int8_agreement_with_fp32']:.2f}% (allowed loss {val['max_drop_pp']:g} pp)",
         ]
     lines.append(f"report: {report.get('report_path', '')}")
     return "\n".join(lines)
@@ -1394,15 +1767,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-output-channel weight scales",
     )
     p.add_argument(
-        "--activation_type",
-        choices=sorted(_ACTIVATION_TYPES),
-        default="uint8",
-        help="activation type: uint8 for x86 (U8S8), int8 for ARM",
+        "--int8_scheme",
+        choices=["auto", *INT8_SCHEMES],
+        default="auto",
+        help="integer types of --int8. auto: exact on this CPU (u8s8 on x86 with VNNI and "
+        "on ARM, u8s7 on x86 without VNNI). u8s8: uint8 activations, 8-bit int8 weights. "
+        "u8s7: the same with 7-bit weights (x86 without VNNI saturates 8-bit ones). s8s8: "
+        "the microcontroller flavour (CMSIS-NN, TFLite Micro), symmetric int8 activations "
+        "and weights, scored as its 32-bit-accumulating target computes it",
     )
     p.add_argument(
-        "--reduce_range",
-        action="store_true",
-        help="7-bit weights, for x86 CPUs without VNNI (avoids saturation)",
+        "--max_int8_drop_pp",
+        type=float,
+        default=DEFAULT_MAX_INT8_DROP_PP,
+        help="refuse an int8 file that loses more validation macro-F1 than this against "
+        "fp32 (percentage points; it is kept as <backbone>.int8.rejected.onnx); inf accepts any",
+    )
+    p.add_argument(
+        "--val_clips",
+        type=int,
+        default=None,
+        help="validation clips to judge int8 against fp32 on (default: all)",
     )
     p.add_argument(
         "--calibrate_method",
@@ -1444,8 +1829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_time=args.min_time,
             opset=args.opset,
             per_channel=args.per_channel,
-            activation_type=args.activation_type,
-            reduce_range=args.reduce_range,
+            int8_scheme=args.int8_scheme,
+            max_int8_drop_pp=args.max_int8_drop_pp,
+            val_clips=args.val_clips,
             calibrate_method=args.calibrate_method,
             threads=args.threads,
             seed=args.seed,
