@@ -63,7 +63,12 @@ import torch  # noqa: E402
 from models.backbones import CRNN, TinyCNN, TinyCNNCBAM  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from util.complexity import count_macs, count_params, measure_latency  # noqa: E402
-from util.export import CalibrationReader, export_onnx, quantize_int8  # noqa: E402
+from util.export import (  # noqa: E402
+    CalibrationReader,
+    export_onnx,
+    quantize_int8,
+    resolve_int8_scheme,
+)
 
 INPUTS = {"reference": (1, 64, 501), "native": (2, 64, 101)}
 BACKBONES: dict[str, Callable[..., Any]] = {
@@ -158,24 +163,32 @@ def time_session(sess: ort.InferenceSession, x: np.ndarray, runs: int, warmup: i
     return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * runs) - 1]}
 
 
-def export_pair(model: Classifier, input_name: str, folder: Path, stem: str) -> tuple[Path, Path]:
+def export_pair(
+    model: Classifier, input_name: str, folder: Path, stem: str, scheme: str = "auto"
+) -> tuple[Path, Path]:
     """fp32 ONNX and its int8 QDQ twin (calibrated on 8 random batches of 8)."""
     fp32 = export_onnx(model, folder / f"{stem}.onnx", INPUTS[input_name])
     reader = CalibrationReader(
         lambda: (example_inputs(input_name, 8, seed) for seed in range(100, 108))
     )
-    int8 = quantize_int8(fp32, folder / f"{stem}.int8.onnx", reader)
+    int8 = quantize_int8(fp32, folder / f"{stem}.int8.onnx", reader, scheme=scheme)
     return fp32, int8
 
 
 def measure(
-    backbone: str, input_name: str, folder: Path, runs: int, warmup: int, repeats: int
+    backbone: str,
+    input_name: str,
+    folder: Path,
+    runs: int,
+    warmup: int,
+    repeats: int,
+    scheme: str = "auto",
 ) -> dict[str, Any]:
     """Every number of one table row."""
     model = build(backbone, input_name)
     shape = INPUTS[input_name]
     stem = f"{backbone.split()[0].lower()}_{input_name}"
-    fp32, int8 = export_pair(model, input_name, folder, stem)
+    fp32, int8 = export_pair(model, input_name, folder, stem, scheme)
     x = example_inputs(input_name, 1, seed=0)
     row: dict[str, Any] = {
         "backbone": backbone,
@@ -231,7 +244,7 @@ def op_profile(path: Path, x: np.ndarray, level: ort.GraphOptimizationLevel, run
     return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
 
 
-def investigate(folder: Path, runs: int, warmup: int, peak: float) -> None:
+def investigate(folder: Path, runs: int, warmup: int, peak: float, scheme: str = "auto") -> None:
     """Why ORT fp32 TinyCNN (native) sits where it does relative to the floor.
 
     Prints per-operator time at each graph-optimisation level; the latency without
@@ -263,7 +276,7 @@ def investigate(folder: Path, runs: int, warmup: int, peak: float) -> None:
     t = time_session(session(no_std), x, runs, warmup)
     print(f"  without standardisation (ALL): median {t['median_ms']:.3f} ms")
 
-    _, int8 = export_pair(model, "native", folder, "inv_tinycnn")
+    _, int8 = export_pair(model, "native", folder, "inv_tinycnn", scheme)
     for label, path in (("fp32", fp32), ("int8", int8)):
         optimised = folder / f"inv_optimised_{label}.onnx"
         session(path, optimized_model_filepath=str(optimised))
@@ -341,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile", action="store_true", help="investigate ORT fp32 TinyCNN native"
     )
+    parser.add_argument(
+        "--int8_scheme",
+        default="auto",
+        choices=["auto", "u8s8", "u8s7", "s8s8"],
+        help="int8 integer types (util.export's --int8_scheme; auto: exact on this CPU)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the ONNX files in this folder")
     args = parser.parse_args(argv)
@@ -348,18 +367,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     logging.getLogger("root").setLevel(logging.ERROR)
 
+    scheme, reason = resolve_int8_scheme(args.int8_scheme)
     peak_before = gemm_peak_gflops()
     print(
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; batch 1, 1 thread, {args.runs} runs "
-        f"after {args.warmup} warm-up, best median of {args.repeats} repeats"
+        f"after {args.warmup} warm-up, best median of {args.repeats} repeats; "
+        f"int8 scheme {scheme.name} ({reason})"
     )
     with tempfile.TemporaryDirectory(prefix="earsleep-latency-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         rows = [
-            measure(b, i, folder, args.runs, args.warmup, args.repeats)
+            measure(b, i, folder, args.runs, args.warmup, args.repeats, args.int8_scheme)
             for i in args.inputs
             for b in args.backbones
         ]
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             print(fmt_row(row, peak))
         if args.profile:
-            investigate(folder, args.runs, args.warmup, peak)
+            investigate(folder, args.runs, args.warmup, peak, args.int8_scheme)
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_peak_gflops": peak, "rows": rows}, indent=2))
 
