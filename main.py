@@ -3,20 +3,28 @@
 Everything a user changes lives in YAML (``class_path``/``init_args``); the
 defaults every experiment shares are in ``config/defaults.yaml``, read first.
 ``python main.py fit --help`` and ``python main.py fit --model.help Classifier``
-document every option.
+document every option. A failure prints one ``error:`` line and exits non-zero;
+``--debug`` (or ``EARSLEEP_DEBUG=1``) adds the traceback.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from data.datamodule import SleepSoundDataModule
 from models.classifier import Classifier
 from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, NightWriter, RunArtifacts
+from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
+from util.errors import condense, debug_requested, report_error
+from util.outputs import prepare_outputs
+from util.redact import mask_tree
 
 DEFAULTS = Path(__file__).resolve().parent / "config" / "defaults.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -26,6 +34,34 @@ LINKED = ("num_classes", "in_channels", "class_names", "input_shape")
 #: ``--ckpt_path``, Lightning replaces the config's model options by those stored in the
 #: checkpoint; for these the config (and the command line) wins.
 RUN_TIME_OPTIONS = ("predict_engine",)
+
+
+class EarSleepParser(LightningArgumentParser):
+    """The CLI's parser: an error is its message and a pointer to ``--help``.
+
+    argparse prints the whole usage first, which for a LightningCLI subcommand is
+    over a hundred lines of options above the one line that says what is wrong.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {condense(message)} (options: {prog} --help)\n")
+        self.exit(2)
+
+
+class MaskedSaveConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml writer, with secrets masked (see :mod:`util.redact`).
+
+    The sources refuse tokens as config values; this masks whatever else looks like a
+    secret (a password in a URL, a secret-named key) before the file is written.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.config = mask_tree(self.config)
+        super().setup(trainer, pl_module, stage)
 
 
 class EarSleepCLI(LightningCLI):
@@ -54,10 +90,23 @@ class EarSleepCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     def before_fit(self) -> None:
-        """Check a distillation teacher before the data module spends time on caches."""
+        """Check the teacher and the outputs before the data module spends time on caches."""
         check = getattr(self.model, "check_teacher", None)
         if callable(check):
             check()
+        prepare_outputs(self.trainer, "fit", self.datamodule)
+
+    def before_validate(self) -> None:
+        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        prepare_outputs(self.trainer, "validate", self.datamodule)
+
+    def before_test(self) -> None:
+        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        prepare_outputs(self.trainer, "test", self.datamodule)
+
+    def before_predict(self) -> None:
+        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        prepare_outputs(self.trainer, "predict", self.datamodule)
 
     def predict(self, **kwargs: object) -> None:
         """``Trainer.predict``; over recordings, without keeping every batch's output.
@@ -79,10 +128,13 @@ class EarSleepCLI(LightningCLI):
                 self.config[cmd].model.init_args[key] = value
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
-        """Parse, then refuse a ``--ckpt_path`` made for another backbone or class list.
+        """Parse, then check the options that fail late or unsafely, each in one line.
 
-        Lightning rebuilds the model from the checkpoint's own hyperparameters, which
-        would silently replace the backbone the config names; say so instead.
+        Refused: ``--weights_only false``; a ``--ckpt_path`` that is missing, remote,
+        unreadable, holds more than weights (read weights-only, never unpickled), or
+        was made for another backbone or class list (Lightning would rebuild the model
+        from the checkpoint's own hyperparameters, silently replacing the backbone the
+        config names); a batch size below one.
         """
         super().parse_arguments(parser, args)
         cmd = self.config.get("subcommand")
@@ -90,12 +142,32 @@ class EarSleepCLI(LightningCLI):
         self._run_time_options = {
             key: init_args[key] for key in RUN_TIME_OPTIONS if init_args and key in init_args
         }
-        ckpt_path = cmd and self.config[cmd].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not cmd:
             return
-        theirs = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {}
-        )
+        parser = self._parser(cmd)  # errors name the subcommand: `main.py test --help`
+        batch_size = self.config[cmd].data.get("batch_size")
+        if isinstance(batch_size, int) and batch_size < 1:
+            parser.error(f"--data.batch_size must be a positive number of clips, got {batch_size}")
+        if self.config[cmd].get("weights_only") is False:
+            parser.error(
+                "--weights_only false is refused: earsleep never unpickles arbitrary objects "
+                "from a checkpoint; drop the option"
+            )
+        if "weights_only" in self.config[cmd]:
+            self.config[cmd].weights_only = True
+        ckpt_path = self.config[cmd].get("ckpt_path")
+        if not ckpt_path or str(ckpt_path).split(":", 1)[0] in SPECIAL_CKPT_PATHS:
+            return
+        if "://" in str(ckpt_path):
+            parser.error(
+                f"--ckpt_path {ckpt_path}: earsleep reads checkpoints from local files only; "
+                "download it and pass its path"
+            )
+        try:
+            checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+        except CheckpointError as err:
+            parser.error(str(err))
+        theirs = checkpoint.get("hyper_parameters") or {}
         model = self.config[cmd].model
         ours_backbone = _class_name(model.init_args.get("backbone"))
         their_backbone = _class_name(theirs.get("backbone"))
@@ -120,12 +192,19 @@ def _class_name(spec: object) -> str | None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
-    """Build and run the CLI; tests call ``main(["fit", "--config", ...])`` in-process."""
+    """Build and run the CLI; tests call ``main(["fit", "--config", ...])`` in-process.
+
+    Errors propagate as exceptions (argument errors as ``SystemExit``); :func:`cli`
+    turns them into one line.
+    """
+    force_weights_only()  # every torch.load from here on, Lightning's and libraries' too
     defaults = {"default_config_files": [str(DEFAULTS)]}
     return EarSleepCLI(
         Classifier,
         SleepSoundDataModule,
         subclass_mode_model=True,
+        parser_class=EarSleepParser,
+        save_config_callback=MaskedSaveConfig,
         parser_kwargs={cmd: defaults for cmd in SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the model owns its optimizer (model.init_args.optimizer)
@@ -134,5 +213,31 @@ def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
     )
 
 
+def cli(args: list[str] | None = None) -> int:
+    """``python main.py``: :func:`main` with one-line errors; returns the exit status.
+
+    Any failure prints ``error: <what and what to do>`` and returns 1 (argument
+    errors: 2). ``--debug`` anywhere on the command line, or ``EARSLEEP_DEBUG=1``,
+    prints the full traceback as well.
+    """
+    given = sys.argv[1:] if args is None else args
+    debug = "--debug" in given or debug_requested()
+    if args is None:  # LightningCLI warns when given both sys.argv and args
+        sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    else:
+        args = [a for a in args if a != "--debug"]
+    try:
+        main(args)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        report_error(err, debug)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -19,13 +19,19 @@ import torchaudio.functional as AF
 #: Reasons a clip is skipped, in the order they are checked. Documented in the README.
 SKIP_REASONS: dict[str, str] = {
     "corrupt": "soundfile could not decode the bytes",
+    "truncated": "a WAV cut short: its RIFF header promises more bytes than the file holds",
     "unsafe_path": "archive member path is absolute or climbs with '..'",
     "wrong_split": "archive member sits under another split's folder than its tarball's",
+    "misspelled_split": "the split folder above the file is spelled with other case (Train/)",
+    "misplaced": "a file in a split's folder but not directly in one of its label folders",
+    "not_audio": "a file in a label folder whose name does not end in an audio suffix",
     "unknown_label": "the label folder above the file is not one of the source's labels",
+    "duplicate_id": "another item of the split has the same clip_id; the first one is kept",
     "bad_shape": "not (channels, samples) with 1 or 2 channels",
     "empty": "zero samples",
     "nan": "holds NaN or infinite samples",
     "too_short": "shorter than min_duration_s (default 0.25 s)",
+    "nonfinite_features": "the front end's output holds NaN or inf (samples far outside ±1)",
 }
 
 #: Clip faults that are repaired rather than skipped; counted, never hidden.
@@ -38,7 +44,16 @@ REPAIRS: dict[str, str] = {
 
 
 class AudioDecodeError(ValueError):
-    """Raised when bytes or a file cannot be decoded as audio."""
+    """Raised when bytes or a file cannot be decoded as audio.
+
+    Attributes:
+        reason: the :data:`SKIP_REASONS` entry a source records for it: ``truncated``
+            for a WAV cut short, else ``corrupt``.
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
@@ -49,7 +64,15 @@ def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
     through libsndfile; anything else, or anything odd about the header, goes to soundfile.
     """
     if isinstance(data, bytes | bytearray):
-        fast = _decode_simple_wav(data)
+        missing = wav_missing_bytes(data)
+        if missing:
+            raise AudioDecodeError(
+                f"WAV truncated: {missing} of its bytes are missing", reason="truncated"
+            )
+        try:
+            fast = _decode_simple_wav(data)
+        except (struct.error, ValueError):  # a malformed header: soundfile judges it
+            fast = None
         if fast is not None:
             return fast
     try:
@@ -63,6 +86,38 @@ def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
 
 
 _WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
+#: Sizes streaming writers put in a header before they know the length.
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+
+def wav_missing_bytes(data: bytes | bytearray) -> int:
+    """How many bytes a RIFF/WAVE file cut short lacks; 0 when complete or not a WAV.
+
+    A WAV is cut short when its RIFF size promises more bytes than ``data`` holds and
+    its ``data`` chunk is absent or incomplete; the answer is what the RIFF size
+    promises. A complete ``data`` chunk under a RIFF size that is merely wrong, and the
+    placeholder sizes of streaming writers (0 and 0xFFFFFFFF), are not truncation.
+    """
+    if len(data) < 4 or data[:4] != b"RIFF":
+        return 0
+    if len(data) < 12:
+        return 12 - len(data) if b"WAVE".startswith(bytes(data[8:12])) else 0
+    if data[8:12] != b"WAVE":
+        return 0
+    riff = int.from_bytes(data[4:8], "little")
+    promised = 0 if riff in _UNKNOWN_SIZES else riff + 8 - len(data)
+    if promised <= 0:
+        return 0
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        end = pos + 8 + size
+        if data[pos : pos + 4] == b"data":
+            return 0 if size in _UNKNOWN_SIZES or end <= len(data) else promised
+        if end > len(data):
+            break
+        pos = end + (size & 1)
+    return promised
 
 
 def _decode_simple_wav(data: bytes | bytearray) -> tuple[np.ndarray, int] | None:
@@ -73,13 +128,15 @@ def _decode_simple_wav(data: bytes | bytearray) -> tuple[np.ndarray, int] | None
     while pos + 8 <= len(data):
         chunk, size = bytes(data[pos : pos + 4]), int.from_bytes(data[pos + 4 : pos + 8], "little")
         body = pos + 8
-        if chunk == b"fmt " and size >= 16:
+        if chunk == b"fmt ":
+            if size < 16 or body + size > len(data):
+                return None  # short or cut-off fmt chunk: let soundfile judge it
             tag, channels, rate = struct.unpack_from("<HHI", data, body)
             block_align, bits = struct.unpack_from("<HH", data, body + 12)
-            if tag == _WAVE_FORMAT_EXTENSIBLE and size >= 26:
-                tag = struct.unpack_from("<H", data, body + 24)[
-                    0
-                ]  # first bytes of the subformat GUID
+            if tag == _WAVE_FORMAT_EXTENSIBLE:
+                if size < 26:
+                    return None
+                tag = struct.unpack_from("<H", data, body + 24)[0]  # the subformat GUID's start
             fmt = (tag, channels, rate, block_align, bits)
         elif chunk == b"data":
             if fmt is None or body + size > len(data):
@@ -91,7 +148,7 @@ def _decode_simple_wav(data: bytes | bytearray) -> tuple[np.ndarray, int] | None
                 dtype, scale = "<f4", None
             else:
                 return None
-            if channels < 1 or block_align != channels * bits // 8:
+            if channels < 1 or rate < 1 or block_align != channels * bits // 8:
                 return None
             frames = size // block_align
             raw = np.frombuffer(data, dtype=dtype, count=frames * channels, offset=body)

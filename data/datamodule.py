@@ -12,16 +12,20 @@ import h5py
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from data.cache import (
     DEFAULT_CLASSES,
+    CacheCorruptError,
     CacheInfo,
     build_cache,
     cache_key,
     check_classes,
+    finite_rows,
     key_path,
     open_cache,
+    summary_line,
     verify,
 )
 from data.features import LogMelFrontEnd
@@ -48,6 +52,10 @@ class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``in_memory`` the float16 features are read into RAM once, here; forked
     workers then share those pages.
 
+    Every row read is checked: HDF5 verifies its chunk's checksum, and a row that
+    fails it or holds NaN or inf raises :class:`~data.cache.CacheCorruptError`
+    naming the row and its clip, so a damaged cache never trains a model.
+
     Args:
         path: a complete cache file.
         in_memory: load every row into RAM now instead of reading rows on demand.
@@ -55,10 +63,19 @@ class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, path: str | os.PathLike[str], in_memory: bool = False) -> None:
         self.path = Path(path)
-        with h5py.File(self.path, "r") as f:
-            self.labels = torch.from_numpy(f["labels"][()].astype(np.int64))
-            self.feature_shape = tuple(f["features"].shape[1:])
-            self.features: np.ndarray | None = f["features"][()] if in_memory else None
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.labels = torch.from_numpy(f["labels"][()].astype(np.int64))
+                self.feature_shape = tuple(f["features"].shape[1:])
+                self.features: np.ndarray | None = f["features"][()] if in_memory else None
+        except FileNotFoundError:
+            raise
+        except (OSError, KeyError) as err:
+            raise CacheCorruptError(
+                f"cache {self.path} is damaged: reading it fails "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                "delete it and build it again"
+            ) from err
         self._file: h5py.File | None = None
         self._rows: h5py.Dataset | None = None
         self._pid: int | None = None
@@ -68,8 +85,19 @@ class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.features if self.features is not None else self._open()
-        x = torch.from_numpy(np.asarray(rows[index], dtype=np.float32))
-        return x, self.labels[index]
+        try:
+            row = rows[index]
+        except OSError as err:  # h5py: the chunk's Fletcher-32 checksum does not match
+            raise self._damaged(index, f"fails its checksum ({err})") from err
+        if not finite_rows(row[None])[0]:
+            raise self._damaged(index, "holds NaN or inf")
+        return torch.from_numpy(np.asarray(row, dtype=np.float32)), self.labels[index]
+
+    def _damaged(self, index: int, what: str) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"cache {self.path} is damaged: row {index} {what.splitlines()[0]}; "
+            "delete it and build it again"
+        )
 
     def _open(self) -> h5py.Dataset:
         if self._rows is None or self._pid != os.getpid():
@@ -209,16 +237,21 @@ class SleepSoundDataModule(L.LightningDataModule):
         """Build the cache of every split that has none (resuming an interrupted build)."""
         if self.predict_audio is not None and getattr(self.trainer, "predicting", False):
             return  # recordings are streamed: no cache needed
-        for split in SPLITS:
+        for i, split in enumerate(SPLITS):
+            path = self.cache_file(split)
+            existed = path.exists()
             build_cache(
                 self.source,
                 split,
                 self.features,
                 self.classes,
-                self.cache_file(split),
+                path,
                 min_duration_s=self.min_duration_s,
                 progress=self.progress,
+                others={s: self.cache_file(s) for s in SPLITS[:i]},  # leakage into earlier splits
             )
+            if not existed:
+                self._logged.add(split)  # build_cache showed its summary
 
     def setup(self, stage: str | None = None) -> None:
         """Open and verify the caches ``stage`` reads, plus train's for weights and statistics."""
@@ -284,6 +317,7 @@ class SleepSoundDataModule(L.LightningDataModule):
                 "source_fingerprint": info.source_fingerprint,
                 "member_list_hash": info.member_list_hash,
                 "rows": info.n_rows,
+                "leakage_rows": {s: int(v.get("rows", 0)) for s, v in info.leakage.items()},
             }
         return out
 
@@ -336,15 +370,4 @@ class SleepSoundDataModule(L.LightningDataModule):
         if info.split in self._logged:
             return
         self._logged.add(info.split)
-        skipped = {k: v for k, v in info.skip_counts.items() if v}
-        repaired = {k: v for k, v in info.repair_counts.items() if v}
-        log.info(
-            "%s cache %s: %d clips %s; skipped %s; repaired %s; other labels left out %s",
-            info.split,
-            info.path,
-            info.n_rows,
-            info.class_counts,
-            skipped or "none",
-            repaired or "none",
-            info.other_label_counts or "none",
-        )
+        rank_zero_info(summary_line(info))  # Lightning's console handler shows it

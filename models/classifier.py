@@ -36,6 +36,10 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint was made for another backbone or class count than the configured model."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A step's loss is NaN or infinite: training stops instead of saving a NaN model."""
+
+
 def _split_metrics(num_classes: int) -> MetricCollection:
     k = {"num_classes": num_classes}
     return MetricCollection(
@@ -231,6 +235,15 @@ class Classifier(LightningModule):
     def shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch[0], batch[1]
         loss, logits = self.compute_loss(x, y, stage)
+        # One scalar sync per step (detect_anomaly checks every op and is far slower). The
+        # error ends fit before any checkpoint, metrics or leaderboard row of a NaN model.
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteLossError(
+                f"{stage} loss is {float(loss.detach())} at epoch {self.current_epoch}, "
+                f"global step {self.global_step}: training stopped. The input holds NaN/inf "
+                "(check the cache with data.cache.open_cache(path, check_rows=True)) or the "
+                "model diverged (lower the learning rate)"
+            )
         self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
         self.log(
             f"{stage}/loss",

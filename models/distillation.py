@@ -285,7 +285,9 @@ class DistillationClassifier(Classifier):
             return self._teacher
         checkpoint = self.check_teacher()
         try:
-            teacher = Classifier.load_from_checkpoint(self.teacher_checkpoint, map_location="cpu")
+            teacher = Classifier.load_from_checkpoint(
+                self.teacher_checkpoint, map_location="cpu", weights_only=True
+            )
         except Exception as err:
             raise TeacherCheckpointError(
                 f"teacher checkpoint {self.teacher_checkpoint} could not be restored as a "

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data.cache import (
+    FORMAT_VERSION,
     PARTIAL_SUFFIX,
     CacheMismatchError,
     build_cache,
@@ -115,7 +116,7 @@ def test_rows_attrs_and_class_subset_order(tmp_path: Path, native: LogMelFrontEn
     assert info.source_name == "fake"
     assert info.source_fingerprint == src.fingerprint("train")
     assert info.cache_key == cache_key(src, "train", native, ["snore", "quiet"])
-    assert info.min_duration_s == 0.25 and info.format_version == 1
+    assert info.min_duration_s == 0.25 and info.format_version == FORMAT_VERSION
     ids = "".join(f"{c.clip_id}\n" for c in items).encode()
     import hashlib
 

@@ -293,7 +293,7 @@ def test_audio_folder(tmp_path):
         "train/quiet/A.FLAC": None,
         "train/quiet/c.Wav": _wav(tone[:1]),
         "train/quiet/broken.wav": b"not audio at all",
-        "train/quiet/notes.txt": b"ignored",
+        "train/quiet/notes.txt": b"not audio: counted, never passed over unseen",
         "validation/breathe/d.wav": _wav(tone),
     }
     for rel, payload in files.items():
@@ -310,12 +310,13 @@ def test_audio_folder(tmp_path):
         ("train/quiet/A.FLAC", "Clip"),
         ("train/quiet/broken.wav", "SkippedClip"),
         ("train/quiet/c.Wav", "Clip"),
+        ("train/quiet/notes.txt", "SkippedClip"),
         ("train/snore/b.wav", "Clip"),
     ]
-    assert records[1].reason == "corrupt"
-    assert [r.label for r in records] == ["quiet", "quiet", "quiet", "snore"]
+    assert records[1].reason == "corrupt" and records[3].reason == "not_audio"
+    assert [r.label for r in records] == ["quiet", "quiet", "quiet", "quiet", "snore"]
     assert records[0].waveform.shape == (2, 8000) and records[2].waveform.shape == (1, 8000)
-    assert source.size_hint("train") == 4
+    assert source.size_hint("train") == 5
     before = source.fingerprint("train")
     assert source.fingerprint("train") == before
     (tmp_path / "train/snore/e.wav").write_bytes(_wav(tone))

@@ -43,6 +43,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import platform
 import re
 import string
@@ -75,6 +76,7 @@ from tqdm.auto import tqdm
 
 from data.cache import CacheInfo, build_cache, open_cache, verify
 from models.classifier import Classifier
+from util.errors import DEBUG_ENV, debug_requested, report_error
 
 __all__ = [
     "CacheSplit",
@@ -988,13 +990,18 @@ def quantize_int8(
     else:
         chosen, why = resolve_int8_scheme(scheme)
     reason = reason or why
+    fp32_path = Path(fp32_path).resolve()
     with tempfile.TemporaryDirectory(prefix="earsleep-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre))
-        except Exception as err:  # e.g. "Incomplete symbolic shape inference" on CBAM's ReduceMax
-            log.info("symbolic shape inference failed (%s); using ONNX shape inference only", err)
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        # ONNX Runtime's symbolic shape inference leaves ``sym_shape_infer_temp.onnx`` and
+        # uuid-named ``.data`` files in the working directory when it gives up (TinyCNN-CBAM):
+        # it runs inside the temporary folder instead.
+        with _working_directory(tmp):
+            try:
+                quant_pre_process(str(fp32_path), str(pre))
+            except Exception as err:  # e.g. "Incomplete symbolic shape inference" on CBAM
+                log.info("symbolic shape inference failed (%s); ONNX shape inference only", err)
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
             str(int8_path),
@@ -1032,6 +1039,16 @@ def quantize_int8(
     _set_metadata(proto, {**metadata, "earsleep.quantization": json.dumps(quantization)})
     onnx.save(proto, str(int8_path))
     return int8_path
+
+
+@contextlib.contextmanager
+def _working_directory(path: str | Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def evaluate_onnx(
@@ -1226,7 +1243,7 @@ class CacheSplit:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         self.info: CacheInfo = open_cache(self.path)
 
     def __len__(self) -> int:
@@ -1805,6 +1822,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="show progress bars",
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of a failure (also: {DEBUG_ENV}=1)",
+    )
     return p
 
 
@@ -1838,7 +1860,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=args.progress,
         )
     except ExportError as err:
+        if args.debug or debug_requested():
+            traceback.print_exc()
         print(f"export failed: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # anything else: one line too, the traceback behind --debug
+        report_error(err, args.debug or debug_requested(), prefix="export failed")
         return 1
     print(format_report(report))
     return 0

@@ -93,6 +93,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from util.redact import mask_text, mask_tree
+
 __all__ = [
     "GateDecision",
     "Manifest",
@@ -505,14 +507,23 @@ def fit_and_test(argv: Sequence[str]) -> int:
         argv: ``main.py`` arguments starting with ``fit``.
     """
     from main import main as cli_main
+    from util.errors import debug_requested, report_error
 
-    cli = cli_main(list(argv))
-    trainer = cli.trainer
-    ckpt = trainer.checkpoint_callback
-    best = ckpt.best_model_path if ckpt is not None else ""
-    if not best:
-        print("util.sweep: no best checkpoint was written; testing the final weights", flush=True)
-    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if best else None)
+    if list(argv) == sys.argv[1:]:  # Lightning's warning would print both copies into run.log
+        del sys.argv[1:]
+    try:
+        cli = cli_main(list(argv))
+        trainer = cli.trainer
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None else ""
+        if not best:
+            print(
+                "util.sweep: no best checkpoint was written; testing the final weights", flush=True
+            )
+        trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if best else None)
+    except Exception as err:  # one masked line in run.log (the traceback with EARSLEEP_DEBUG=1)
+        report_error(err, debug_requested())
+        return 1
     return 0
 
 
@@ -533,7 +544,7 @@ def subprocess_runner(threads: int | None = None) -> Runner:
         if threads is not None and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(threads)
         with open(log_path, "w") as log:
-            log.write("$ python main.py " + " ".join(argv) + "\n")
+            log.write("$ python main.py " + mask_text(" ".join(argv)) + "\n")
             log.flush()
             return subprocess.run(
                 [sys.executable, "-c", _FIT_AND_TEST, *argv],
@@ -834,7 +845,7 @@ class Sweep:
             "command": "python main.py " + " ".join(argv),
             "log": str(log_path),
         }
-        (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (run_dir / RUN_RECORD).write_text(json.dumps(mask_tree(record), indent=2) + "\n")
         result = read_result(run, self.out)
         if code == 0 and result.status != "ok":
             result.note = "finished without test metrics (metrics.json has no test/f1_macro)"
@@ -975,7 +986,7 @@ class Sweep:
         columns = list(rows[0]) if rows else ["phase", "config"]
         _write_csv(self.out / "summary.csv", rows, columns)
         text = _markdown(rows, self.gate)
-        (self.out / "summary.md").write_text(text)
+        (self.out / "summary.md").write_text(mask_text(text))
         self.echo("\n" + text)
         return rows
 
@@ -1022,7 +1033,9 @@ def _write_csv(
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        writer.writerows(
+            {k: "" if v is None else mask_tree(v) for k, v in row.items()} for row in rows
+        )
     os.replace(tmp, path)
 
 

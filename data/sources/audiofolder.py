@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data.audio import AudioDecodeError, decode
-from data.sources.base import SPLITS, Clip, SkippedClip, Source
+from data.sources.base import SPLITS, Clip, SkippedClip, Source, TreeFile, place_files
 
 #: File name endings read as audio (compared case-insensitively).
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -19,10 +19,13 @@ class AudioFolder(Source):
     The label is the folder directly above each file, nothing else. ``labels`` is
     the sorted set of label folders found under any split folder, so a folder
     holding a DreamCatcher subset offers exactly the classes it holds; a cache picks
-    and orders the ones it trains on by name. Files are read in sorted path order;
-    other files and deeper folders are passed over. A file soundfile cannot decode
-    is yielded as a ``SkippedClip`` with reason ``corrupt``. ``clip_id`` is the
-    path relative to ``root``.
+    and orders the ones it trains on by name. Files are read in sorted path order.
+    No file under a split folder is passed over: one that is not an audio file is
+    skipped as ``not_audio``, one in a deeper folder or directly in the split folder
+    as ``misplaced``, one under a split folder spelled in other case (``Train/``) as
+    ``misspelled_split``; a WAV cut short is skipped as ``truncated`` and a file
+    soundfile cannot decode as ``corrupt``. Files in no split folder are counted in
+    the fingerprint. ``clip_id`` is the path relative to ``root``.
 
     Args:
         root: folder holding one sub-folder per split (``train``, ``validation``,
@@ -45,14 +48,16 @@ class AudioFolder(Source):
         self.labels = tuple(sorted(found))
 
     def iter_clips(self, split: str) -> Iterator[Clip | SkippedClip]:
-        """Yield every audio file of ``split`` in sorted order."""
-        for path in self._files(split):
-            rel = path.relative_to(self.root).as_posix()
-            label = path.parent.name
+        """Yield every file of ``split`` in sorted order: a clip or a counted skip."""
+        for file in self._files(split):
+            rel, label = file.rel, file.label
+            if file.reason is not None:
+                yield SkippedClip(rel, split, label, file.reason)
+                continue
             try:
-                waveform, sr = decode(path)
-            except AudioDecodeError:
-                yield SkippedClip(rel, split, label, "corrupt")
+                waveform, sr = decode(file.path.read_bytes())
+            except AudioDecodeError as err:
+                yield SkippedClip(rel, split, label, err.reason)
                 continue
             yield Clip(waveform, sr, label, rel, split)
 
@@ -64,31 +69,27 @@ class AudioFolder(Source):
         """
         sha = hashlib.sha256()
         files = self._files(split)
-        for path in files:
-            st = path.stat()
-            rel = path.relative_to(self.root).as_posix()
+        for file in files:
+            st = file.path.stat()
             sha.update(
-                f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+                f"{file.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
             )
         return {
             "source": self.name,
             "split": split,
             "files": str(len(files)),
             "listing_sha256": sha.hexdigest(),
+            "outside_splits": str(len(place_files(self.root, AUDIO_SUFFIXES, True)[1])),
         }
 
     def size_hint(self, split: str) -> int | None:
         """Number of audio files of ``split``."""
         return len(self._files(split))
 
-    def _files(self, split: str) -> list[Path]:
+    def _files(self, split: str) -> list[TreeFile]:
         folder = self.root / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"no {split!r} folder in audio folder {self.root}")
-        return sorted(
-            path
-            for label_dir in folder.iterdir()
-            if label_dir.is_dir()
-            for path in label_dir.iterdir()
-            if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file()
-        )
+            other = [d.name for d in self.root.iterdir() if d.is_dir() and d.name.lower() == split]
+            hint = f" (found {other[0]}/: split folders are lower case)" if other else ""
+            raise FileNotFoundError(f"no {split!r} folder in audio folder {self.root}{hint}")
+        return place_files(self.root, AUDIO_SUFFIXES, top_level=True)[0][split]

@@ -15,7 +15,7 @@ from typing import Any
 
 from data.audio import AudioDecodeError, decode
 from data.sources.base import SPLITS, Clip, SkippedClip, Source
-from data.sources.dreamcatcher import file_digest
+from data.sources.dreamcatcher import _TOKEN_REFUSED, file_digest
 
 _BATCH = 256
 
@@ -41,7 +41,12 @@ class HubAudioDataset(Source):
         splits: our split name -> the dataset's split name (default: the same
             names, ``train``, ``validation``, ``test``).
         revision: hub commit, branch or tag (hub datasets only).
-        token: hub token; ``None`` uses ``HF_TOKEN`` or the saved login.
+        token: not accepted: a token given here would be saved with the run's
+            config (config.yaml); the hub token comes from ``HF_TOKEN`` or the saved
+            login (``hf auth login``). Any value is refused with a message saying so.
+
+    Raises:
+        ValueError: a ``token`` is given.
     """
 
     name = "hub"
@@ -59,8 +64,9 @@ class HubAudioDataset(Source):
         self.audio_column = audio_column
         self.label_column = label_column
         self.splits = dict(splits) if splits is not None else {s: s for s in SPLITS}
+        if token is not None:
+            raise ValueError(_TOKEN_REFUSED.format(source="HubAudioDataset"))
         self.revision = revision
-        self.token = token
         self._local = Path(path).is_dir()
         self._datasets: dict[str, Any] = {}
         self._labels: tuple[str, ...] | None = None
@@ -104,8 +110,8 @@ class HubAudioDataset(Source):
                     if data is None:
                         raise AudioDecodeError("no audio bytes in the row")
                     waveform, sr = decode(data)
-                except AudioDecodeError:
-                    yield SkippedClip(clip_id, split, label, "corrupt")
+                except AudioDecodeError as err:
+                    yield SkippedClip(clip_id, split, label, err.reason)
                     continue
                 yield Clip(waveform, sr, label, clip_id, split)
 
@@ -171,9 +177,8 @@ class HubAudioDataset(Source):
                 files = [str(f) for f in self._local_files(ds_split)]
                 ds = datasets.load_dataset("parquet", data_files={ds_split: files}, split=ds_split)
             else:
-                ds = datasets.load_dataset(
-                    self.path, split=ds_split, revision=self.revision, token=self.token
-                )
+                # no token: datasets reads HF_TOKEN or the saved login
+                ds = datasets.load_dataset(self.path, split=ds_split, revision=self.revision)
             for column in (self.audio_column, self.label_column):
                 if column not in ds.column_names:
                     raise KeyError(f"column {column!r} not in {self.path} ({ds.column_names})")

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,15 +31,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from filelock import FileLock
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from util.complexity import profile
-
-try:  # POSIX; elsewhere the leaderboard is written without a lock
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from util.redact import mask_secrets, mask_text
 
 __all__ = [
     "LEADERBOARD_COLUMNS",
@@ -103,26 +99,6 @@ ENV_NAMES = (
     "MASTER_PORT",
     "PYTHONHASHSEED",
 )
-SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-_URL_CREDENTIALS = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
-
-
-def mask_secrets(env: Mapping[str, str]) -> dict[str, str]:
-    """Copy of ``env`` with secret values replaced by ``***``.
-
-    A variable is secret when its name contains TOKEN, KEY, SECRET or PASSWORD (any
-    case); passwords inside URLs (``scheme://user:password@host``) are masked too.
-
-    Args:
-        env: variable names to values.
-    """
-    masked = {}
-    for name, value in env.items():
-        if any(marker in name.upper() for marker in SECRET_MARKERS):
-            masked[name] = "***"
-        else:
-            masked[name] = _URL_CREDENTIALS.sub(r"\1***@", value)
-    return masked
 
 
 def _package_version(name: str) -> str | None:
@@ -251,25 +227,14 @@ def class_metrics_from_confusion(
     return rows
 
 
-class _FileLock:
-    """Exclusive ``fcntl.flock`` on ``<path>.lock`` for the duration of a ``with`` block."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name + ".lock")
-
-    def __enter__(self) -> _FileLock:
-        self.file = open(self.path, "a")  # noqa: SIM115 - held until __exit__
-        if fcntl is not None:
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if fcntl is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+def _lock(path: Path) -> FileLock:
+    """An exclusive inter-process lock on ``<path>.lock`` (flock on POSIX, msvcrt on Windows)."""
+    return FileLock(path.with_name(path.name + ".lock"))
 
 
 def _csv_cell(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
     return "" if value is None else value
 
 
@@ -300,7 +265,7 @@ def append_leaderboard_row(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _FileLock(path):
+    with _lock(path):
         fieldnames: list[str] = list(LEADERBOARD_COLUMNS)
         new = not path.exists() or path.stat().st_size == 0
         if not new:
@@ -371,7 +336,9 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, bool, int)) or obj is None:
+    if isinstance(obj, str):
+        return mask_text(obj)
+    if isinstance(obj, (bool, int)) or obj is None:
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
