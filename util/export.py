@@ -116,7 +116,7 @@ DEFAULT_TOLERANCE = 1e-4
 DEFAULT_MAX_INT8_DROP_PP = 0.5
 #: Least share of validation clips on which this CPU's fused int8 kernels must predict
 #: what the QDQ reference arithmetic predicts; below it ``auto`` takes 7-bit weights.
-MIN_KERNEL_AGREEMENT = 0.99
+MIN_KERNEL_AGREEMENT = 0.999
 REPORT_NAME = "export_report.json"
 _CALIB_METHODS = {
     "minmax": CalibrationMethod.MinMax,
