@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from data.datamodule import SleepSoundDataModule
 from models.classifier import Classifier
+from models.compatibility import IncompatibleError, check_compatible
 from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, NightWriter, RunArtifacts
 from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
 from util.errors import condense, debug_requested, report_error
@@ -88,24 +89,32 @@ class EarSleepCLI(LightningCLI):
         )
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        # the front end travels with the model's hyper-parameters into every checkpoint
+        parser.link_arguments(
+            "data.feature_config", "model.init_args.features", apply_on="instantiate"
+        )
 
     def before_fit(self) -> None:
         """Check the teacher and the outputs before the data module spends time on caches."""
         check = getattr(self.model, "check_teacher", None)
         if callable(check):
             check()
+        self._check_checkpoint_data()  # a resumed fit
         prepare_outputs(self.trainer, "fit", self.datamodule)
 
     def before_validate(self) -> None:
-        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        """Check a ``--ckpt_path`` against the data; claim the run folder; check the outputs."""
+        self._check_checkpoint_data()
         prepare_outputs(self.trainer, "validate", self.datamodule)
 
     def before_test(self) -> None:
-        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        """Check a ``--ckpt_path`` against the data; claim the run folder; check the outputs."""
+        self._check_checkpoint_data()
         prepare_outputs(self.trainer, "test", self.datamodule)
 
     def before_predict(self) -> None:
-        """Claim the run folder and check the outputs (:func:`util.outputs.prepare_outputs`)."""
+        """Check a ``--ckpt_path`` against the data; claim the run folder; check the outputs."""
+        self._check_checkpoint_data()
         prepare_outputs(self.trainer, "predict", self.datamodule)
 
     def predict(self, **kwargs: object) -> None:
@@ -137,6 +146,7 @@ class EarSleepCLI(LightningCLI):
         config names); a batch size below one.
         """
         super().parse_arguments(parser, args)
+        self._checkpoint: tuple[str, dict] | None = None
         cmd = self.config.get("subcommand")
         init_args = self.config[cmd].model.get("init_args") if cmd else None
         self._run_time_options = {
@@ -168,27 +178,37 @@ class EarSleepCLI(LightningCLI):
         except CheckpointError as err:
             parser.error(str(err))
         theirs = checkpoint.get("hyper_parameters") or {}
-        model = self.config[cmd].model
-        ours_backbone = _class_name(model.init_args.get("backbone"))
-        their_backbone = _class_name(theirs.get("backbone"))
-        ours_classes = list(self.config[cmd].data.classes)
-        their_classes = list(theirs.get("class_names") or [])
-        if (ours_backbone, ours_classes) != (their_backbone, their_classes or ours_classes):
-            parser.error(
-                f"{ckpt_path} holds a {their_backbone} for classes {their_classes}, but the config "
-                f"asks for a {ours_backbone} for classes {ours_classes}; pass the config the "
-                "checkpoint was trained with (config.yaml in its run folder)"
+        self._checkpoint = (str(ckpt_path), theirs)
+        try:  # what the config alone tells; the front end is checked once it is built
+            check_compatible(
+                theirs,
+                class_names=list(self.config[cmd].data.classes),
+                backbone=self.config[cmd].model.init_args.get("backbone"),
+                what=f"--ckpt_path {ckpt_path}",
             )
+        except IncompatibleError as err:
+            parser.error(str(err))
 
+    def _check_checkpoint_data(self) -> None:
+        """Refuse a ``--ckpt_path`` trained on other features or input shape than the data's.
 
-def _class_name(spec: object) -> str | None:
-    """Class name of a ``class_path`` spec (Namespace or dict) or of a class."""
-    path = getattr(spec, "class_path", None) or (
-        spec.get("class_path") if isinstance(spec, dict) else None
-    )
-    if path:
-        return str(path).rsplit(".", 1)[-1]
-    return getattr(spec, "__name__", None)
+        Lightning would load the weights and run them on whatever the data config's front
+        end computes; a front end with other options (``--data.features.init_args.eps``,
+        ``mel_scale``, ``scale``) gives features of the same shape and silently other
+        predictions.
+        """
+        if self._checkpoint is None:
+            return
+        path, theirs = self._checkpoint
+        try:
+            check_compatible(
+                theirs,
+                input_shape=self.datamodule.input_shape,
+                feature_config=self.datamodule.feature_config,
+                what=f"--ckpt_path {path}",
+            )
+        except IncompatibleError as err:
+            self._parser(self.config["subcommand"]).error(str(err))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:

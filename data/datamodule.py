@@ -208,6 +208,8 @@ class SleepSoundDataModule(L.LightningDataModule):
         self.num_classes: int = len(self.classes)
         self.in_channels: int = self.features.out_channels
         self.input_shape: tuple[int, int, int] = self.features.output_shape
+        #: The front end's configuration (linked into the model, saved in its checkpoint).
+        self.feature_config: dict[str, Any] = self.features.config()
         #: Loss weight per class (float32), set by :meth:`setup`.
         self.class_weights: torch.Tensor | None = None
         #: ``(band_mean, band_std)`` float32 ``(C, n_mels)`` of the train cache, set by :meth:`setup`.
@@ -233,13 +235,27 @@ class SleepSoundDataModule(L.LightningDataModule):
 
     # -- Lightning hooks ----------------------------------------------------------
 
+    def _stage(self) -> str | None:
+        """The running trainer's stage (``fit``, ``validate``, ``test``, ``predict``), if any."""
+        fn = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+        return None if fn is None else str(getattr(fn, "value", fn))
+
     def prepare_data(self) -> None:
-        """Build the cache of every split that has none (resuming an interrupted build)."""
-        if self.predict_audio is not None and getattr(self.trainer, "predicting", False):
+        """Build the caches the running stage needs that are missing (resuming a stopped build).
+
+        ``fit`` (and a call without a trainer) builds every split, test included for the
+        ``test`` that follows; ``validate``, ``test`` and ``predict`` build only the split
+        they read: the model brings its band statistics and class weights from its
+        checkpoint, so they never need the train split (a 250k-clip build on DreamCatcher).
+        """
+        stage = self._stage()
+        if stage == "predict" and self.predict_audio is not None:
             return  # recordings are streamed: no cache needed
-        for i, split in enumerate(SPLITS):
+        splits = SPLITS if stage in (None, "fit") else _STAGE_SPLITS[stage]
+        for split in splits:
             path = self.cache_file(split)
             existed = path.exists()
+            earlier = SPLITS[: SPLITS.index(split)]
             build_cache(
                 self.source,
                 split,
@@ -248,19 +264,25 @@ class SleepSoundDataModule(L.LightningDataModule):
                 path,
                 min_duration_s=self.min_duration_s,
                 progress=self.progress,
-                others={s: self.cache_file(s) for s in SPLITS[:i]},  # leakage into earlier splits
+                # leakage into earlier splits (those built)
+                others={s: self.cache_file(s) for s in earlier if self.cache_file(s).exists()},
             )
             if not existed:
                 self._logged.add(split)  # build_cache showed its summary
 
     def setup(self, stage: str | None = None) -> None:
-        """Open and verify the caches ``stage`` reads, plus train's for weights and statistics."""
+        """Open and verify the caches ``stage`` reads; for ``fit``, also train's weights and stats.
+
+        ``validate``, ``test`` and ``predict`` read only their own split: a trained
+        model's band statistics and class weights are in its checkpoint.
+        """
         if stage == "predict" and self.predict_audio is not None:
             return  # recordings are streamed; the checkpoint carries the band statistics
-        self._load_info("train")
         for split in _STAGE_SPLITS.get(stage, SPLITS):
             self._dataset(split)
-        train = self._info["train"]
+        if stage not in (None, "fit"):
+            return
+        train = self._load_info("train")
         self.class_weights = self._compute_class_weights(train)
         if train.band_mean is None or train.band_std is None:
             raise ValueError(f"train cache {train.path} holds no band statistics")

@@ -70,6 +70,10 @@ class Classifier(LightningModule):
         class_names: class names in label order (linked from the data).
         input_shape: ``(C, F, T)`` of one input (linked from the data); used for
             profiling and export.
+        features: the front end's configuration (linked from ``data.feature_config``:
+            :meth:`data.features.LogMelFrontEnd.config`). Saved with the checkpoint, so
+            ``test``, ``validate``, ``predict`` and export can tell whether the data they
+            are given comes from the same front end (:mod:`models.compatibility`).
         class_weights: cross-entropy class weights; ``None`` takes the data module's
             inverse-frequency weights from the train counts.
         use_class_weights: weigh the loss by class at all.
@@ -100,6 +104,7 @@ class Classifier(LightningModule):
         in_channels: int = 2,
         class_names: Sequence[str] | None = None,
         input_shape: Sequence[int] = (2, 64, 101),
+        features: dict[str, Any] | None = None,
         class_weights: Sequence[float] | None = None,
         use_class_weights: bool = True,
         normalize: bool = True,
@@ -127,6 +132,8 @@ class Classifier(LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.input_shape = tuple(input_shape)
+        #: The front end's configuration the model is trained on (``None``: not recorded).
+        self.feature_config: dict[str, Any] | None = dict(features) if features else None
         self.example_input_array = torch.zeros(1, *self.input_shape)
         self.normalize = normalize
         channels, bands = self.input_shape[0], self.input_shape[1]

@@ -664,3 +664,16 @@ def test_auto_takes_7_bit_weights_when_the_kernels_disagree_with_the_reference(
         ex.export_checkpoint(
             fitted_run, out=tmp_path / "named", int8=True, int8_scheme="u8s8", progress=False
         )
+
+
+def test_a_run_config_with_other_features_than_the_checkpoint_is_refused(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """The checkpoint records its front end; a config.yaml that disagrees is not believed."""
+    model = native_classifier(features=LogMelFrontEnd().config())
+    ckpt = make_run(tmp_path / "run", model, cache_dir)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config["data"]["features"]["init_args"]["eps"] = 0.1
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ex.FeatureMismatchError, match="eps: trained 1e-06, given 0.1"):
+        ex.export_checkpoint(ckpt, progress=False)

@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 
 from data.cache import CacheInfo, build_cache, open_cache, verify
 from models.classifier import Classifier
+from models.compatibility import IncompatibleError, check_compatible
 from util.errors import DEBUG_ENV, debug_requested, report_error
 
 __all__ = [
@@ -1351,6 +1352,14 @@ def resolve_run_data(
             f"{config_path} gives features {input_shape}, the checkpoint takes "
             f"{tuple(model.input_shape)}; pass the config of the run that trained it"
         )
+    try:  # the checkpoint's own record of its front end, where it has one
+        check_compatible(
+            {"features": model.feature_config},
+            feature_config=feature_config,
+            what=f"--ckpt_path {ckpt_path}",
+        )
+    except IncompatibleError as err:
+        raise FeatureMismatchError(f"{err} ({config_path})") from err
 
     def own_cache(split: str) -> Path:
         path = dm.cache_file(split)
