@@ -71,6 +71,7 @@ class EarSleepCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(ConfusionMatrixLogger, "confusion")
         parser.add_lightning_class_args(LatencyProfiler, "latency")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
@@ -84,7 +85,14 @@ class EarSleepCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best-epoch{epoch:02d}-f1{val/f1_macro:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.save_last": True,
+                # Lightning 2.6's save_last writes last.ckpt only in a step where a top-k file
+                # is saved too (an older epoch otherwise); a second, unmonitored checkpoint
+                # overwrites last.ckpt after every epoch instead.
+                "checkpoint.save_last": False,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         for key in LINKED:

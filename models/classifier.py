@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,33 @@ PREDICT_ENGINES = ("auto", "torch", "onnxruntime")
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint was made for another backbone or class count than the configured model."""
+
+
+#: The metric that picks the best checkpoint and stops training (mode ``max``).
+MONITOR = "val/f1_macro"
+#: Checkpoint key holding ``{"monitor", "value"}``: the validation score of its weights.
+VALIDATION_SCORE_KEY = "earsleep_validation_score"
+
+
+def checkpoint_validation_score(checkpoint: dict[str, Any]) -> float | None:
+    """The validation macro-F1 of the weights in a checkpoint, if it recorded one.
+
+    Read from :data:`VALIDATION_SCORE_KEY` (written by :meth:`Classifier.on_save_checkpoint`)
+    or, in files written before it, from the ``val/f1_macro`` ``ModelCheckpoint``'s state.
+    """
+    recorded = checkpoint.get(VALIDATION_SCORE_KEY)
+    if isinstance(recorded, dict) and recorded.get("monitor") == MONITOR:
+        return float(recorded["value"])
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
+            continue
+        if state.get("monitor") != MONITOR:
+            continue
+        for name in ("current_score", "best_model_score"):
+            value = state.get(name)
+            if value is not None and math.isfinite(float(value)):
+                return float(value)
+    return None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -174,6 +202,16 @@ class Classifier(LightningModule):
             mean, std = stats
             self.band_mean.copy_(torch.as_tensor(mean).reshape_as(self.band_mean))
             self.band_std.copy_(torch.as_tensor(std).reshape_as(self.band_std).clamp_min(1e-5))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the validation score of exactly these weights (``VALIDATION_SCORE_KEY``).
+
+        A ``ModelCheckpoint``'s own state keeps the score of the last file *it* wrote, so
+        a ``last.ckpt`` written by another callback would carry an older epoch's score.
+        """
+        value = self.trainer.callback_metrics.get(MONITOR) if self._trainer is not None else None
+        if value is not None and bool(torch.isfinite(torch.as_tensor(value))):
+            checkpoint[VALIDATION_SCORE_KEY] = {"monitor": MONITOR, "value": float(value)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint made for another backbone or class count, naming both."""

@@ -11,7 +11,6 @@ the checkpoint as metadata for the leaderboard.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import Backbone
-from models.classifier import Classifier
+from models.classifier import Classifier, checkpoint_validation_score
 
 MONITOR = "val/f1_macro"
 #: Checkpoint key of the teacher metadata the student carries instead of its weights.
@@ -105,23 +104,6 @@ def attention_transfer_loss(
     if total is None:
         raise ValueError("attention transfer needs at least one layer; at_layers is empty")
     return total
-
-
-def _checkpoint_score(checkpoint: dict[str, Any]) -> float | None:
-    """Validation macro-F1 of the weights in a Lightning checkpoint, from its ModelCheckpoint state."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
-            continue
-        if state.get("monitor") != MONITOR:
-            continue
-        # current_score is the score of the epoch this file was written at; best as fallback
-        for name in ("current_score", "best_model_score"):
-            value = state.get(name)
-            if value is not None:
-                value = float(value)
-                if math.isfinite(value):
-                    return value
-    return None
 
 
 def read_teacher_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -308,7 +290,7 @@ class DistillationClassifier(Classifier):
         self.teacher_info = {
             "path": self.teacher_checkpoint,
             "params": sum(p.numel() for p in teacher.backbone.parameters()),
-            "val_f1_macro": score if score is not None else _checkpoint_score(checkpoint),
+            "val_f1_macro": score if score is not None else checkpoint_validation_score(checkpoint),
             "backbone": type(teacher.backbone).__name__,
         }
         return teacher

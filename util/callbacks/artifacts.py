@@ -35,6 +35,7 @@ from filelock import FileLock
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from models.classifier import checkpoint_validation_score
 from util.complexity import profile
 from util.redact import mask_secrets, mask_text
 
@@ -304,16 +305,7 @@ def _checkpoint_validation(ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, RuntimeError, ValueError) as err:
         rank_zero_warn(f"run artifacts: cannot read {ckpt_path} for its validation score ({err})")
         ckpt = {}
-    score = None
-    for key, state in (ckpt.get("callbacks") or {}).items():
-        if (
-            key.startswith("ModelCheckpoint")
-            and isinstance(state, Mapping)
-            and state.get("monitor") == BEST_MONITOR
-            and state.get("current_score") is not None
-        ):
-            score = _scalar(state["current_score"])
-            break
+    score = checkpoint_validation_score(ckpt)
     epoch = ckpt.get("epoch") if score is not None else None
     return {"best_val_f1_macro": score, "best_epoch": epoch, "best_model_path": str(ckpt_path)}
 
