@@ -21,7 +21,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from data.datamodule import SleepSoundDataModule
 from models.classifier import Classifier
 from models.compatibility import IncompatibleError, check_compatible
-from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, NightWriter, RunArtifacts
+from util.callbacks import (
+    ConfusionMatrixLogger,
+    LatencyProfiler,
+    LearningRates,
+    NightWriter,
+    RunArtifacts,
+)
 from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
 from util.errors import condense, debug_requested, report_error
 from util.outputs import prepare_outputs
@@ -76,6 +82,7 @@ class EarSleepCLI(LightningCLI):
         parser.add_lightning_class_args(LatencyProfiler, "latency")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.add_lightning_class_args(NightWriter, "night")
+        parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults(
             {
                 "early_stopping.monitor": "val/f1_macro",

@@ -37,6 +37,27 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint was made for another backbone or class count than the configured model."""
 
 
+class Adam(torch.optim.Adam):
+    """Adam with the reference recipe's defaults: lr 1e-3, weight decay 1e-5.
+
+    The classifier's default optimizer, so that ``--model.init_args.optimizer.init_args.lr
+    0.003`` (and ``--print_config``) see a real class with real defaults, not ``None``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-5,
+        amsgrad: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
+        )
+
+
 #: The metric that picks the best checkpoint and stops training (mode ``max``).
 MONITOR = "val/f1_macro"
 #: Checkpoint key holding ``{"monitor", "value"}``: the validation score of its weights.
@@ -112,8 +133,9 @@ class Classifier(LightningModule):
         time_mask: SpecAugment time-mask width (frames, train only; 0 disables).
         num_masks: how many masks of each kind per clip.
         mixup_alpha: Beta(α, α) mixup of train batches (0 disables).
-        optimizer: optimizer ``class_path``/``init_args`` (without ``params``); ``None``
-            is Adam with lr 1e-3 and weight decay 1e-5, the reference recipe.
+        optimizer: optimizer ``class_path``/``init_args`` (without ``params``); the
+            default, :class:`Adam`, is the reference recipe (lr 1e-3, weight decay 1e-5):
+            ``--model.init_args.optimizer.init_args.lr 0.003`` changes its learning rate.
         lr_scheduler: optional scheduler ``class_path``/``init_args`` (without the
             optimizer); ``ReduceLROnPlateau`` watches ``val/f1_macro``.
         predict_engine: what runs the model in ``predict``. ``onnxruntime`` exports it
@@ -140,7 +162,7 @@ class Classifier(LightningModule):
         time_mask: int = 10,
         num_masks: int = 1,
         mixup_alpha: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
+        optimizer: OptimizerCallable = Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         predict_engine: Literal["auto", "torch", "onnxruntime"] = "auto",
     ) -> None:
@@ -437,10 +459,12 @@ def build_like_cli(
     module, name = backbone.rsplit(".", 1)
     factory = functools.partial(getattr(importlib.import_module(module), name), **backbone_args)
     defaults = {
-        n: p.default
+        # a class default (the optimizer's) as the class_path spec the CLI records: a class
+        # itself would be pickled by reference, which weights-only loading refuses
+        n: {"class_path": f"{d.__module__}.{d.__qualname__}"} if isinstance(d, type) else d
         for klass in (Classifier, cls)
         for n, p in inspect.signature(klass.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
+        if (d := p.default) is not inspect.Parameter.empty
     }
     hparams = {
         "_class_path": f"{cls.__module__}.{cls.__qualname__}",

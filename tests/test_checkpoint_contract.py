@@ -84,23 +84,3 @@ def test_compatibility_names_what_differs() -> None:
         check_compatible(hparams, backbone={"class_path": "models.backbones.CRNN"})
     # a checkpoint from before the front end was recorded: features are not judged
     check_compatible({**hparams, "features": None}, feature_config={"eps": 0.1})
-
-
-def test_last_ckpt_is_the_last_epoch_and_resuming_from_it_continues(tmp_path: Path) -> None:
-    """Lightning 2.6's save_last would leave last.ckpt at the best epoch; ours is the last one."""
-    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "3")])
-    folder = Path(cli.trainer.checkpoint_callback.best_model_path).parent
-    last = folder / "last.ckpt"
-    saved = read_checkpoint(last)
-    assert saved["epoch"] == 2  # epochs 0, 1, 2: the third
-    assert saved["global_step"] == cli.trainer.global_step
-    # its recorded validation score is that epoch's, not the best one's
-    assert saved["earsleep_validation_score"]["value"] == pytest.approx(
-        float(cli.trainer.callback_metrics["val/f1_macro"])
-    )
-    assert len(list(folder.glob("best-*.ckpt"))) == 1 and len(list(folder.glob("last*.ckpt"))) == 1
-    resumed = main(
-        ["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "4"), "--ckpt_path", str(last)]
-    )
-    assert resumed.trainer.current_epoch == 4  # one more epoch, not four
-    assert resumed.trainer.global_step == saved["global_step"] * 4 // 3

@@ -1,0 +1,59 @@
+"""Lightning conventions: last.ckpt is the last epoch, learning rates logged, a real optimizer default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from main import main
+from tests.test_cli import ROOT, tiny_args
+from util.checkpoint import read_checkpoint
+
+
+def test_last_ckpt_is_the_last_epoch_and_resuming_from_it_continues(tmp_path: Path) -> None:
+    """Lightning 2.6's save_last would leave last.ckpt at the best epoch; ours is the last one."""
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "3")])
+    folder = Path(cli.trainer.checkpoint_callback.best_model_path).parent
+    last = folder / "last.ckpt"
+    saved = read_checkpoint(last)
+    assert saved["epoch"] == 2  # epochs 0, 1, 2: the third
+    assert saved["global_step"] == cli.trainer.global_step
+    # its recorded validation score is that epoch's, not the best one's
+    assert saved["earsleep_validation_score"]["value"] == pytest.approx(
+        float(cli.trainer.callback_metrics["val/f1_macro"])
+    )
+    assert len(list(folder.glob("best-*.ckpt"))) == 1 and len(list(folder.glob("last*.ckpt"))) == 1
+    resumed = main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "4"), "--ckpt_path", str(last)]
+    )
+    assert resumed.trainer.current_epoch == 4  # one more epoch, not four
+    assert resumed.trainer.global_step == saved["global_step"] * 4 // 3
+
+
+def test_learning_rates_are_logged_and_the_optimizer_default_takes_a_new_lr(
+    tmp_path: Path,
+) -> None:
+    """``--model.init_args.optimizer.init_args.lr`` works without naming the optimizer."""
+    cli = main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "1"),
+         "--model.init_args.optimizer.init_args.lr", "0.003"]
+    )  # fmt: skip
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "Adam"
+    assert optimizer.param_groups[0]["lr"] == 0.003
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-5  # the recipe's, kept
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    rates = [t for t in events.Tags()["scalars"] if t.startswith("lr-")]
+    assert rates == ["lr-Adam"]
+    assert events.Scalars("lr-Adam")[0].value == pytest.approx(0.003)
+
+
+def test_print_config_shows_the_optimizer_that_will_run(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(ROOT / "config" / "demo.yaml"), "--print_config"])
+    assert stop.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: models.classifier.Adam" in out and "weight_decay: 1.0e-05" in out
