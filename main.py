@@ -145,11 +145,30 @@ class EarSleepCLI(LightningCLI):
         self.trainer.predict(**kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Put back the run-time options the checkpoint's hyperparameters replaced."""
+        """Put back the run-time options the checkpoint's hyperparameters replaced.
+
+        And for ``validate``, ``test`` and ``predict`` with a ``--ckpt_path`` inside a run
+        folder (``<run>/checkpoints/*.ckpt``): log into ``<run>/<subcommand>/version_<n>``,
+        beside the model, instead of opening a new, otherwise empty run folder.
+        """
         cmd = self.config.get("subcommand")
-        if cmd:
-            for key, value in self._run_time_options.items():
-                self.config[cmd].model.init_args[key] = value
+        if not cmd:
+            return
+        for key, value in self._run_time_options.items():
+            self.config[cmd].model.init_args[key] = value
+        if cmd == "fit" or self._checkpoint is None:
+            return
+        ckpt = Path(self._checkpoint[0]).resolve()
+        logger = self.config[cmd].trainer.get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if ckpt.parent.name != "checkpoints" or init_args is None:
+            return
+        init_args.save_dir = str(ckpt.parent.parent)
+        init_args.name = cmd
+        if "version" in init_args:
+            init_args.version = None
+        for key in ("checkpoint", "last_checkpoint"):  # where the file came from, not a new place
+            self.config[cmd][key].dirpath = str(ckpt.parent)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         """Parse, then check the options that fail late or unsafely, each in one line.

@@ -57,3 +57,17 @@ def test_print_config_shows_the_optimizer_that_will_run(capsys) -> None:
     assert stop.value.code in (0, None)
     out = capsys.readouterr().out
     assert "class_path: models.classifier.Adam" in out and "weight_decay: 1.0e-05" in out
+
+
+def test_test_and_predict_with_a_checkpoint_log_into_its_run_folder(tmp_path: Path) -> None:
+    """No new, otherwise empty ``version_<n>`` per test or predict: a subfolder of the run."""
+    fit = main(["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "1")])
+    run = Path(fit.trainer.log_dir)
+    best = fit.trainer.checkpoint_callback.best_model_path
+    for _ in range(2):
+        tested = main(["test", *tiny_args(tmp_path), "--ckpt_path", best])
+    assert Path(tested.trainer.log_dir) == run / "test" / "version_1"
+    assert (run / "test" / "version_0" / "test_metrics.csv").is_file()
+    predicted = main(["predict", *tiny_args(tmp_path), "--ckpt_path", best])
+    assert Path(predicted.trainer.log_dir) == run / "predict" / "version_0"
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # log/demo holds the one run

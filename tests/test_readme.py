@@ -305,4 +305,4 @@ def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
     # the demo's fit, test, export and predict really ran
     assert list(sandbox.glob("log/demo/version_*/checkpoints/best-*.ckpt"))
     assert list(sandbox.glob("log/demo/version_*/export/tinycnn.int8.onnx"))
-    assert list(sandbox.glob("log/demo/version_*/test_metrics.csv"))
+    assert list(sandbox.glob("log/demo/version_*/test/version_*/test_metrics.csv"))
