@@ -240,6 +240,8 @@ class EarSleepCLI(LightningCLI):
                 input_shape=self.datamodule.input_shape,
                 feature_config=self.datamodule.feature_config,
                 what=f"--ckpt_path {path}",
+                fix="drop the --data.features options or pass the config the model was trained "
+                "with (config.yaml in its run folder)",
             )
         except IncompatibleError as err:
             self._parser(self.config["subcommand"]).error(str(err))

@@ -48,6 +48,7 @@ def check_compatible(
     feature_config: Mapping[str, Any] | None = None,
     backbone: object | None = None,
     what: str = "the checkpoint",
+    fix: str = "pass the config the model was trained with (config.yaml in its run folder)",
 ) -> None:
     """Refuse a trained model whose training facts differ from what it would be given.
 
@@ -62,11 +63,11 @@ def check_compatible(
         feature_config: the data's front-end configuration.
         backbone: the backbone the config asks for (class or ``class_path`` spec).
         what: how to name the model in messages (e.g. ``--ckpt_path run/best.ckpt``).
+        fix: what the message tells the user to do.
 
     Raises:
         IncompatibleError: naming the fact, the trained value and the given one.
     """
-    fix = "pass the config the model was trained with (config.yaml in its run folder)"
     if backbone is not None and hparams.get("backbone") is not None:
         ours, theirs = _class_name(backbone), _class_name(hparams["backbone"])
         if ours != theirs:
@@ -93,5 +94,5 @@ def check_compatible(
         if diffs:
             raise IncompatibleError(
                 f"{what} was trained on other features than the data config gives "
-                f"({'; '.join(diffs)}); drop the --data.features options or {fix}"
+                f"({'; '.join(diffs)}); {fix}"
             )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from models.backbones import Backbone
 from models.classifier import Classifier, checkpoint_validation_score
+from models.compatibility import IncompatibleError, check_compatible
 
 MONITOR = "val/f1_macro"
 #: Checkpoint key of the teacher metadata the student carries instead of its weights.
@@ -255,6 +256,15 @@ class DistillationClassifier(Classifier):
                     f"{key}={theirs[key]}, but the student has {key}={ours[key]}; "
                     "distil from a teacher trained on the same classes and features"
                 )
+        try:  # same shape, other front end: the teacher would see features it never learnt
+            check_compatible(
+                hp,
+                feature_config=self.feature_config,
+                what=f"teacher checkpoint {self.teacher_checkpoint}",
+                fix="distil from a teacher trained on the student's features",
+            )
+        except IncompatibleError as err:
+            raise TeacherCheckpointError(str(err)) from err
         return checkpoint
 
     def load_teacher(self) -> Classifier:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.classifier import Classifier, build_like_cli
+from data.features import LogMelFrontEnd
+from models.classifier import Classifier, build_like_cli, save_checkpoint
 from models.distillation import (
     META_KEY,
     DistillationClassifier,
@@ -405,6 +406,41 @@ def test_teacher_with_other_class_names_or_shape_is_refused(teacher_ckpt: str) -
     )
     with pytest.raises(TeacherCheckpointError, match="input_shape"):
         wider.load_teacher()
+
+
+def test_teacher_trained_on_other_features_is_refused(tmp_path: Path) -> None:
+    """Same classes and shape, another front end (eps): the teacher's logits would mislead."""
+    features = LogMelFrontEnd().config()
+    teacher = cli_style(
+        Classifier,
+        "models.backbones.TinyCNN",
+        TINY_SMALL,
+        in_channels=2,
+        input_shape=(2, *SHAPE[1:]),
+        features=features,
+    )
+    path = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
+    pupil = cli_style(
+        DistillationClassifier,
+        "models.backbones.TinyCNN",
+        TINY_SMALL,
+        teacher_checkpoint=str(path),
+        in_channels=2,
+        input_shape=(2, *SHAPE[1:]),
+        features={**features, "eps": 0.1},
+    )
+    with pytest.raises(TeacherCheckpointError, match="eps: trained 1e-06, given 0.1"):
+        pupil.check_teacher()
+    same = cli_style(
+        DistillationClassifier,
+        "models.backbones.TinyCNN",
+        TINY_SMALL,
+        teacher_checkpoint=str(path),
+        in_channels=2,
+        input_shape=(2, *SHAPE[1:]),
+        features=features,
+    )
+    assert same.check_teacher()["hyper_parameters"]["features"] == features
 
 
 def test_bad_hyperparameters_are_refused() -> None:
