@@ -953,7 +953,7 @@ class _Builder:
         batches = 0
         seen = 0
         ids: set[bytes] = set()  # digests of every clip_id so far, to find repeated ones
-        items = _prefetch(
+        items = _Prefetch(
             _with_digests(self.source.iter_clips(self.split), set(self.classes)),
             2 * self.batch_size,
         )
@@ -1193,10 +1193,6 @@ class _Prefetch(Iterator[Any]):
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _prefetch(iterable: Iterable[Any], maxsize: int) -> _Prefetch:
-    return _Prefetch(iterable, maxsize)
 
 
 def _sha256_json(obj: Any) -> str:

@@ -32,7 +32,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -636,11 +636,3 @@ def load_windows_whole(
     with torch.inference_mode():
         x = front_end(waves) if n else torch.zeros(0)
     return x, torch.arange(n, dtype=torch.float64) * (hop / front_end.sample_rate)
-
-
-def info_dict(info: RecordingInfo) -> dict[str, Any]:
-    """:class:`RecordingInfo` as JSON-able values."""
-    out = asdict(info)
-    out["path"] = str(info.path)
-    out["duration_s"] = info.duration_s
-    return out

@@ -68,7 +68,7 @@ def attention_transfer_loss(
     a mismatch is an error naming the layer and both shapes, never a silent resize.
 
     Args:
-        student_maps: the student's ``feature_maps`` (``(B, C_i, H_i, W_i)`` each).
+        student_maps: the student's maps from ``forward_with_maps`` (``(B, C_i, H_i, W_i)`` each).
         teacher_maps: the teacher's, in the same order.
         layers: indices into both lists; ``None`` takes every layer (both lists must
             then be equally long).
@@ -172,7 +172,7 @@ class DistillationClassifier(Classifier):
         alpha: weight of the distillation term; ``1 − alpha`` weighs the cross-entropy.
         temperature: softmax temperature ``T`` of the distillation term.
         beta: weight of the attention-transfer term (0 disables it).
-        at_layers: indices into the backbones' ``feature_maps`` used for attention
+        at_layers: indices into the maps of the backbones' ``forward_with_maps`` used for attention
             transfer; ``None`` takes all (the maps must agree in spatial size).
         baseline_f1: validation macro-F1 of the same student trained without a teacher;
             when given, the leaderboard gets ``gap_closed``.

@@ -1752,7 +1752,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run's config.yaml (its data section gives the features and caches); "
         "default: config.yaml next to the checkpoint or in its run folder",
     )
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
     p.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model")
     p.add_argument(
         "--out", default=None, help="output folder; default <run>/export next to checkpoints/"

@@ -37,10 +37,6 @@ class Backbone(nn.Module, abc.ABC):
         """Class logits ``(B, num_classes)`` for log-mel input ``(B, C, F, T)``."""
         return self.forward_with_maps(x)[0]
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Intermediate maps ``(B, C_i, F_i, T_i)`` used for attention transfer."""
-        return self.forward_with_maps(x)[1]
-
 
 class ConvBlock(nn.Module):
     """3×3 convolution, optional batch norm, ReLU.
