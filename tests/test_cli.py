@@ -10,23 +10,14 @@ import pytest
 import torch
 
 from main import main
+from tests.helpers import tiny_args as shared_tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPLITS = '{"train": 160, "validation": 64, "test": 64}'
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(ROOT / "config" / "demo.yaml"),
-        "--data.source.init_args.clips_per_split", TINY_SPLITS,
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.progress", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
-        "--trainer.enable_progress_bar", "false",
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
-        "--latency.runs", "10",
-        *extra,
-    ]  # fmt: skip
+    return shared_tiny_args(tmp_path, *extra, splits=TINY_SPLITS, latency_runs=10)
 
 
 @pytest.fixture(scope="module")

@@ -23,27 +23,12 @@ from huggingface_hub import constants as hub_constants
 
 import main as cli_main
 from models.classifier import Classifier, build_like_cli, save_checkpoint
+from tests.helpers import tiny_args
 from util import errors, export
 from util.callbacks.artifacts import append_leaderboard_row
 from util.outputs import OutputError, allocate_version
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SPLITS = '{"train": 96, "validation": 48, "test": 48}'
-
-
-def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(ROOT / "config" / "demo.yaml"),
-        "--data.source.init_args.clips_per_split", TINY_SPLITS,
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.progress", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
-        "--latency.runs", "2",
-        *extra,
-    ]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -21,30 +21,15 @@ import main as cli_main
 from data.sources import DreamCatcher
 from data.sources.hub import HubAudioDataset
 from models.classifier import Classifier, build_like_cli, save_checkpoint
+from tests.helpers import tiny_args
 from util import export
 from util.checkpoint import CheckpointError, force_weights_only, read_checkpoint
 from util.redact import mask_text, mask_tree
 from util.sweep import Sweep, load_manifest, subprocess_runner
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SPLITS = '{"train": 96, "validation": 48, "test": 48}'
 MARKER = "hf_EarsleepMarker0123456789secret"
 URL_SECRET = "urlPassw0rdMarker"
-
-
-def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(ROOT / "config" / "demo.yaml"),
-        "--data.source.init_args.clips_per_split", TINY_SPLITS,
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.progress", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
-        "--latency.runs", "2",
-        *extra,
-    ]  # fmt: skip
 
 
 class RunsCommand:
