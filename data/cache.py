@@ -41,6 +41,11 @@ Why one row per chunk: a shuffled DataLoader reads single rows at random. With o
 row per chunk every read touches exactly one contiguous block (26 KB native, 64 KB
 reference); bigger chunks read and discard neighbours. Compression costs more CPU
 than it saves on these already-dense log spectra (see ``benchmarks/cache_build.py``).
+
+Why one module of about 1,200 lines: the build (resume, lock, disk reservation,
+checksums, leakage) and the reader share the file format, its key and its version, and
+the format is the contract this file owns. Splitting it into ``data/cache/`` (key,
+build, read) is part of the layout issue (14), to be done with the data module split.
 """
 
 from __future__ import annotations

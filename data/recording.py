@@ -23,6 +23,11 @@ Input policy (the writer reports each case; see the README, "Analyse a night"):
   and reported; a read error part-way reports the part read. A recording shorter
   than one window gives no windows and is reported as too short. Every one of
   these is one batch with ``error``/``status`` set, so the other recordings go on.
+
+Why about 640 lines: reading a long recording in blocks, the shared-frame windowing and
+the data set over it are one streaming path measured as a whole (benchmarks/night.py);
+the recordings data module is to move out of ``data/datamodule.py`` beside it (issue
+14).
 """
 
 from __future__ import annotations

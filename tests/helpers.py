@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models.classifier import Classifier, build_like_cli, save_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 #: The demo's corpus cut down to seconds of work.
 TINY_SPLITS = '{"train": 96, "validation": 48, "test": 48}'
@@ -25,3 +27,16 @@ def tiny_args(
         "--latency.runs", str(latency_runs),
         *extra,
     ]  # fmt: skip
+
+
+def untrained_checkpoint(path: Path) -> Path:
+    """An untrained native TinyCNN written as a CLI-style ``.ckpt`` (three default classes)."""
+    model = build_like_cli(
+        Classifier,
+        "models.backbones.TinyCNN",
+        num_classes=3,
+        in_channels=2,
+        class_names=["quiet", "breathe", "snore"],
+        input_shape=(2, 64, 101),
+    )
+    return save_checkpoint(model, path)

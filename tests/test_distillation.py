@@ -420,26 +420,21 @@ def test_teacher_trained_on_other_features_is_refused(tmp_path: Path) -> None:
         features=features,
     )
     path = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
-    pupil = cli_style(
-        DistillationClassifier,
-        "models.backbones.TinyCNN",
-        TINY_SMALL,
-        teacher_checkpoint=str(path),
-        in_channels=2,
-        input_shape=(2, *SHAPE[1:]),
-        features={**features, "eps": 0.1},
-    )
+
+    def pupil(student_features: dict) -> DistillationClassifier:
+        return cli_style(
+            DistillationClassifier,
+            "models.backbones.TinyCNN",
+            TINY_SMALL,
+            teacher_checkpoint=str(path),
+            in_channels=2,
+            input_shape=(2, *SHAPE[1:]),
+            features=student_features,
+        )
+
     with pytest.raises(TeacherCheckpointError, match="eps: trained 1e-06, given 0.1"):
-        pupil.check_teacher()
-    same = cli_style(
-        DistillationClassifier,
-        "models.backbones.TinyCNN",
-        TINY_SMALL,
-        teacher_checkpoint=str(path),
-        in_channels=2,
-        input_shape=(2, *SHAPE[1:]),
-        features=features,
-    )
+        pupil({**features, "eps": 0.1}).check_teacher()
+    same = pupil(features)
     assert same.check_teacher()["hyper_parameters"]["features"] == features
 
 

@@ -22,8 +22,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 
 import main as cli_main
-from models.classifier import Classifier, build_like_cli, save_checkpoint
-from tests.helpers import tiny_args
+from tests.helpers import tiny_args, untrained_checkpoint
 from util import errors, export
 from util.callbacks.artifacts import append_leaderboard_row
 from util.outputs import OutputError, allocate_version
@@ -188,15 +187,7 @@ def test_a_read_only_folder_fails_before_training(tmp_path, monkeypatch, capsys)
 
 @pytest.fixture()
 def checkpoints(tmp_path):
-    model = build_like_cli(
-        Classifier,
-        "models.backbones.TinyCNN",
-        num_classes=3,
-        in_channels=2,
-        class_names=["quiet", "breathe", "snore"],
-        input_shape=(2, 64, 101),
-    )
-    good = save_checkpoint(model, tmp_path / "good.ckpt")
+    good = untrained_checkpoint(tmp_path / "good.ckpt")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     text = tmp_path / "notes.ckpt"

@@ -20,8 +20,8 @@ import yaml
 import main as cli_main
 from data.sources import DreamCatcher
 from data.sources.hub import HubAudioDataset
-from models.classifier import Classifier, build_like_cli, save_checkpoint
-from tests.helpers import tiny_args
+from models.classifier import Classifier
+from tests.helpers import tiny_args, untrained_checkpoint
 from util import export
 from util.checkpoint import CheckpointError, force_weights_only, read_checkpoint
 from util.redact import mask_text, mask_tree
@@ -52,15 +52,7 @@ def weights_only_restored(monkeypatch):
 @pytest.fixture()
 def hostile(tmp_path, weights_only_restored):
     """A real TinyCNN checkpoint with a command-running object in its hyperparameters."""
-    model = build_like_cli(
-        Classifier,
-        "models.backbones.TinyCNN",
-        num_classes=3,
-        in_channels=2,
-        class_names=["quiet", "breathe", "snore"],
-        input_shape=(2, 64, 101),
-    )
-    good = save_checkpoint(model, tmp_path / "good.ckpt")
+    good = untrained_checkpoint(tmp_path / "good.ckpt")
     marker = tmp_path / "PWNED"
     checkpoint = torch.load(good, weights_only=True, map_location="cpu")
     checkpoint["hyper_parameters"]["note"] = RunsCommand(f"touch {marker}")

@@ -20,6 +20,10 @@ Background classes (``quiet``) get no events. The event scorer
 reference of its class when the onsets are within ``onset_collar_s`` and the offsets
 within ``max(offset_collar_s, offset_ratio × reference length)``; matches are
 one-to-one (a maximum bipartite matching).
+
+Why about 620 lines: events, the summary and the timeline plot read the same per-window
+probabilities and thresholds; its split into ``util/night/`` (events, plot, scoring) is
+part of the layout issue (14).
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ command line is its model's configs, then the model's ``args``, ``common_args``,
 the spec's ``args`` and the grid's, in that order (later wins). Two specs of a
 phase whose configs and merged settings are equal are one run (the first name is
 kept): that is how a default configuration and the same point of a grid collapse.
+
+Why about 1,130 lines, for now: manifest plan, runner and statistics live together until
+the sweep moves to ``util/sweep/`` on Ray Tune (issues 14 and 16), which replaces most
+of the runner.
 """
 
 from __future__ import annotations

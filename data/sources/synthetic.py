@@ -27,6 +27,11 @@ macro-F1 over the four classes, its errors mostly quiet-looking low-SNR events.
 Noise comes from per-split banks of shaped noise (made once per ``(seed, split)``
 in the frequency domain) read at random offsets, which keeps generation at
 thousands of clips per second on one core without scipy.
+
+Why about 740 lines: the class generators (breathing, snoring, partner sounds, room
+noise) share one parameter space and one seeded plan; the DreamCatcher-layout archive
+writer is to move to ``data/fixtures.py`` (issue 14), which leaves the generators alone
+here.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ Files in the run's log directory (``trainer.log_dir``):
 - ``env.json``, ``git.json``, ``data_fingerprint.json`` at setup.
 
 Plus one row per run in a shared leaderboard CSV, written under a file lock.
+
+Why about 600 lines: every artifact of a run (metrics, CSVs, environment, git state,
+fingerprint, leaderboard row) is written by one callback so that they describe the same
+run; the leaderboard and provenance writers are to become callbacks of their own in
+``util/callbacks/`` (issue 14).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from models.classifier import checkpoint_validation_score
 from util.complexity import profile
+from util.cpu import cpu_model
 from util.redact import mask_secrets, mask_text
 
 __all__ = [
@@ -109,17 +115,6 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment_info(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Versions, hardware and selected environment variables (secrets masked).
 
@@ -152,7 +147,7 @@ def environment_info(environ: Mapping[str, str] | None = None) -> dict[str, Any]
             if cuda
             else [],
         },
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable_cpus,
         "env": mask_secrets(selected),
