@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
 
 def generate(root: Path, clips: int, compresslevel: int) -> float:
     """Write ``root/data/train.tar.gz`` with ``clips`` synthetic clips; return seconds."""
-    from data.sources.synthetic import Synthetic, write_dreamcatcher_archive
+    from data.fixtures import write_dreamcatcher_archive
+    from data.sources.synthetic import Synthetic
 
     tarball = root / "data" / "train.tar.gz"
     if tarball.exists():
@@ -51,7 +52,7 @@ def measure(root: Path, preset: str, reads: int) -> dict[str, float]:
     import numpy as np
 
     from data.cache import build_cache, open_cache
-    from data.datamodule import CachedSplit
+    from data.clips import CachedSplit
     from data.features import LogMelFrontEnd
     from data.sources.dreamcatcher import DreamCatcher
 
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         f"\ncache build, preset {args.preset}, gzip level {args.compresslevel} "
         "(tar.gz read + decode + features + HDF5 write)"
     )
-    print(f"{_usable_cpus()} usable CPUs; 'load' is the 1-minute load average during the build")
+    from data.system import usable_cpus
+
+    print(f"{usable_cpus()} usable CPUs; 'load' is the 1-minute load average during the build")
     header = (
         f"{'clips':>7} {'rows':>7} {'seconds':>8} {'clips/s':>8} {'CPU s':>7} "
         f"{'clips/CPU-s':>11} {'read-only/s':>11} {'read CPU s':>10} {'load':>5} {'peak RSS MB':>11} "
@@ -185,13 +188,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['load']:>5.1f} {r['peak_rss_mb']:>11.0f} {r['base_rss_mb']:>10.0f} "
             f"{r['file_mb']:>7.0f} {r['reads_per_s']:>12.0f}"
         )
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ For TinyCNN, TinyCNN-CBAM (r8/k3) and CRNN at the ``reference`` (1×64×501) and
 standardisation included, as exported) is timed at batch 1 on one thread:
 
 - **eager**: :func:`util.complexity.measure_latency` (``torch.inference_mode``);
-- **ORT fp32**: the dynamo-exported ONNX file (:func:`util.export.export_onnx`);
-- **ORT int8**: that file after static QDQ quantisation (:func:`util.export.quantize_int8`),
+- **ORT fp32**: the dynamo-exported ONNX file (:func:`util.deploy.onnx.export_onnx`);
+- **ORT int8**: that file after static QDQ quantisation (:func:`util.deploy.quantize.quantize_int8`),
   calibrated on random inputs shaped like the front end's output (latency does not
-  depend on the calibration; accuracy does, and ``util.export`` measures it on real
-  caches).
+  depend on the calibration; accuracy does, and ``python -m util.deploy`` measures it on
+  real caches).
 
 ONNX Runtime sessions run with ``intra_op_num_threads=1``, ``inter_op_num_threads=1``
 and every graph optimisation (``ORT_ENABLE_ALL``). Median and p90 over ``--runs``
@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -63,9 +64,10 @@ import torch  # noqa: E402
 from models.backbones import CRNN, TinyCNN, TinyCNNCBAM  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from util.complexity import count_macs, count_params, measure_latency  # noqa: E402
-from util.export import (  # noqa: E402
+from util.deploy.onnx import export_onnx  # noqa: E402
+from util.deploy.quantize import (  # noqa: E402
     CalibrationReader,
-    export_onnx,
+    Int8SchemeName,
     quantize_int8,
     resolve_int8_scheme,
 )
@@ -357,8 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--int8_scheme",
         default="auto",
-        choices=["auto", "u8s8", "u8s7", "s8s8"],
-        help="int8 integer types (util.export's --int8_scheme; auto: exact on this CPU)",
+        choices=typing.get_args(Int8SchemeName),
+        help="int8 integer types (the export's --int8_scheme; auto: exact on this CPU)",
     )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the ONNX files in this folder")

@@ -1,14 +1,14 @@
 """How fast, and in how much memory, a whole night is turned into a snore timeline.
 
 Writes synthetic two-channel 16 kHz nights (8 h and 1 h by default) with
-:mod:`data.sources.night`, then runs the user's command on each,
+:mod:`util.night.generate`, then runs the user's command on each,
 ``main.py predict --config config/demo.yaml --ckpt_path ... --data.predict_audio ...``
 (in-process, through :func:`main.main`), every run in a fresh process so its peak
-memory is its own. That is :class:`data.recording.RecordingWindows` (blocks from disk →
+memory is its own. That is :class:`data.recordings.RecordingWindows` (blocks from disk →
 windows → log-mel front end, frames shared by overlapping windows) →
 ``Trainer.predict`` with the TinyCNN :class:`models.classifier.Classifier`
-(``predict_engine`` auto: exported to ONNX Runtime when prediction starts, which the
-wall time includes) → :class:`util.callbacks.night.NightWriter` (events, summary,
+(:class:`util.callbacks.PredictEngine` runtime auto: exported to ONNX Runtime when
+prediction starts, which the wall time includes) → :class:`util.callbacks.night.NightWriter` (events, summary,
 timeline). Prints the real-time factor (recording seconds per wall second) and peak
 RSS; the two lengths show whether memory stays flat as the night grows.
 
@@ -62,7 +62,8 @@ def untrained_checkpoint(path: Path, seed: int) -> Path:
     """
     import torch
 
-    from models.classifier import Classifier, build_like_cli, save_checkpoint
+    from models.classifier import Classifier
+    from tests.helpers import build_like_cli, save_checkpoint
 
     torch.manual_seed(seed)
     model = build_like_cli(
@@ -90,7 +91,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--data.batch_size", str(args.batch_size),
         "--data.predict_hop_s", str(args.hop_s),
         "--data.num_workers", str(args.num_workers),
-        "--model.init_args.predict_engine", args.engine,
+        "--predict_engine.runtime", args.engine,
         "--night.output_dir", str(out),
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(out),  # where the CLI saves its config.yaml
@@ -140,7 +141,7 @@ def main() -> None:
         "--engine",
         choices=["auto", "torch", "onnxruntime"],
         default="auto",
-        help="the model's predict_engine (auto: ONNX Runtime on CPU; its export is timed)",
+        help="the predict engine's runtime (auto: ONNX Runtime on CPU; its export is timed)",
     )
     parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
@@ -151,7 +152,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    from data.sources.night import write_night
+    from util.night.generate import write_night
 
     tmp = tempfile.TemporaryDirectory(prefix="night-bench-") if args.workdir is None else None
     workdir = Path(args.workdir or tmp.name)

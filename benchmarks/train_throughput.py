@@ -43,8 +43,9 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from models.classifier import Classifier, build_like_cli, save_checkpoint  # noqa: E402
+from models.classifier import Classifier  # noqa: E402
 from models.distillation import DistillationClassifier  # noqa: E402
+from tests.helpers import build_like_cli, save_checkpoint  # noqa: E402
 
 INPUTS = {"reference": (1, 64, 501), "native": (2, 64, 101)}
 BACKBONES = {
@@ -103,8 +104,9 @@ def bare_sps(model: Classifier, loader: DataLoader, warmup: int, batch: int) -> 
         if i == warmup:
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = model.compute_loss(x, y, "train")
-        metrics.update(logits.detach(), y)
+        step = model.step(x, y, "train")
+        loss = model.compute_loss(step)
+        metrics.update(step.logits.detach(), y)
         loss.backward()
         optimizer.step()
         steps += i >= warmup

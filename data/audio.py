@@ -16,6 +16,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from data.errors import first_line
+
+#: File name endings read as audio (compared case-insensitively): by the audio-folder
+#: source and when a folder of recordings is given for prediction.
+AUDIO_SUFFIXES: tuple[str, ...] = (".wav", ".flac")
+
 #: Reasons a clip is skipped, in the order they are checked. Documented in the README.
 SKIP_REASONS: dict[str, str] = {
     "corrupt": "soundfile could not decode the bytes",
@@ -79,9 +85,7 @@ def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
         src = io.BytesIO(data) if isinstance(data, bytes | bytearray) else str(data)
         audio, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types (LibsndfileError, RuntimeError...)
-        raise AudioDecodeError(
-            str(err).splitlines()[0] if str(err) else type(err).__name__
-        ) from err
+        raise AudioDecodeError(first_line(err)) from err
     return np.ascontiguousarray(audio.T), int(sr)
 
 

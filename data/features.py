@@ -8,13 +8,13 @@ exactly what training saw.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 import torch
 import torchaudio.transforms as T
 from torch import nn
+
+from data.hashing import json_sha256
 
 Preset = Literal["native", "reference"]
 ChannelMode = Literal["stereo", "mono", "in_ear"]
@@ -204,8 +204,7 @@ class LogMelFrontEnd(nn.Module):
 
     def config_hash(self) -> str:
         """sha256 (hex) of :meth:`config` as sorted-key JSON."""
-        blob = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return json_sha256(self.config())
 
     def adapt(self, wave: torch.Tensor) -> torch.Tensor:
         """Adapt ``(B, C_in, S)`` to ``(B, C_out, clip_samples)``: channel mode, then pad/crop."""

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.backbones import Backbone
-from models.classifier import Classifier, checkpoint_validation_score
+from models.classifier import Classifier
 from models.compatibility import IncompatibleError, check_compatible
+from models.task import MONITOR, Step, checkpoint_validation_score
 
-MONITOR = "val/f1_macro"
 #: Checkpoint key of the teacher metadata the student carries instead of its weights.
 META_KEY = "distillation"
 
@@ -220,6 +219,10 @@ class DistillationClassifier(Classifier):
         self._checkpoint_val_f1: float | None = None
 
     # -- the teacher -----------------------------------------------------------
+    def check_ready(self) -> None:
+        """Check the teacher checkpoint before any data is prepared (the CLI calls this)."""
+        self.check_teacher()
+
     def check_teacher(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check the teacher checkpoint fits this student without building the teacher.
 
@@ -238,30 +241,14 @@ class DistillationClassifier(Classifier):
         """
         if checkpoint is None:
             checkpoint = read_teacher_checkpoint(self.teacher_checkpoint)
-        hp = checkpoint["hyper_parameters"]
-        theirs = {
-            "num_classes": hp.get("num_classes"),
-            "class_names": list(hp["class_names"]) if hp.get("class_names") else None,
-            "input_shape": tuple(hp["input_shape"]) if hp.get("input_shape") else None,
-        }
-        ours = {
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "input_shape": self.input_shape,
-        }
-        for key in ("num_classes", "class_names", "input_shape"):
-            if theirs[key] is not None and theirs[key] != ours[key]:
-                raise TeacherCheckpointError(
-                    f"teacher checkpoint {self.teacher_checkpoint} was trained with "
-                    f"{key}={theirs[key]}, but the student has {key}={ours[key]}; "
-                    "distil from a teacher trained on the same classes and features"
-                )
-        try:  # same shape, other front end: the teacher would see features it never learnt
+        try:  # the one rule: classes, input shape and the front end's options
             check_compatible(
-                hp,
+                checkpoint["hyper_parameters"],
+                class_names=self.class_names,
+                input_shape=self.input_shape,
                 feature_config=self.feature_config,
                 what=f"teacher checkpoint {self.teacher_checkpoint}",
-                fix="distil from a teacher trained on the student's features",
+                fix="distil from a teacher trained on the student's classes and features",
             )
         except IncompatibleError as err:
             raise TeacherCheckpointError(str(err)) from err
@@ -339,49 +326,35 @@ class DistillationClassifier(Classifier):
         raw = x * self.band_std + self.band_mean if self.normalize else x
         return self.teacher.standardize(raw)
 
-    @staticmethod
-    def _run(net: Backbone, x: torch.Tensor, maps: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return net.forward_with_maps(x) if maps else (net(x), [])
+    def wants_maps(self, stage: str) -> bool:
+        """The student's feature maps, for attention transfer in training."""
+        return stage == "train" and self.beta > 0
 
-    def compute_loss(
-        self, x: torch.Tensor, y: torch.Tensor, stage: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, step: Step) -> torch.Tensor:
         """Distillation loss in training; the plain class-weighted cross-entropy otherwise.
 
-        Args:
-            x: raw front-end features ``(B, C, F, T)``.
-            y: targets ``(B,)``.
-            stage: ``train``, ``val`` or ``test``.
-
-        Returns:
-            ``(loss, student logits)``.
+        The teacher sees exactly the student's inputs (``step.inputs``: standardised,
+        augmented, mixed), mapped into its own standardisation.
         """
-        if stage != "train":
-            return super().compute_loss(x, y, stage)
-        teacher = self.teacher
-        x = self.train_inputs(x)
-        lam, perm = 1.0, None
-        if self.mixup_alpha > 0:
-            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
-            perm = torch.randperm(x.shape[0], device=x.device)
-            x = lam * x + (1 - lam) * x[perm]
-        maps = self.beta > 0
-        logits, student_maps = self._run(self.backbone, x, maps)
+        ce = super().compute_loss(step)
+        if step.stage != "train":
+            return ce
+        teacher, maps = self.teacher, self.wants_maps(step.stage)
         with torch.no_grad():
-            teacher_logits, teacher_maps = self._run(teacher.backbone, self.teacher_inputs(x), maps)
-        ce = self.loss(logits, y)
-        if perm is not None:
-            ce = lam * ce + (1 - lam) * self.loss(logits, y[perm])
-        kd = logit_kd_loss(logits, teacher_logits, self.temperature)
+            x = self.teacher_inputs(step.inputs)
+            teacher_logits, teacher_maps = (
+                teacher.backbone.forward_with_maps(x) if maps else (teacher.backbone(x), [])
+            )
+        kd = logit_kd_loss(step.logits, teacher_logits, self.temperature)
         loss = self.alpha * kd + (1 - self.alpha) * ce
         terms = {"train/kd_loss": kd.detach(), "train/ce_loss": ce.detach()}
         if maps:
-            at = attention_transfer_loss(student_maps, teacher_maps, self.at_layers)
+            at = attention_transfer_loss(step.maps, teacher_maps, self.at_layers)
             loss = loss + self.beta * at
             terms["train/at_loss"] = at.detach()
         if self._trainer is not None:
-            self.log_dict(terms, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        return loss, logits
+            self.log_dict(terms, on_step=False, on_epoch=True, batch_size=step.target.shape[0])
+        return loss
 
     # -- what the checkpoint and the leaderboard keep ------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -412,7 +385,7 @@ class DistillationClassifier(Classifier):
                     return float(cb.best_model_score)
         return self._checkpoint_val_f1
 
-    def leaderboard_extras(self) -> dict[str, Any]:
+    def run_summary(self) -> dict[str, Any]:
         """KD columns of the leaderboard row (RunArtifacts calls this).
 
         ``compression_ratio`` is teacher parameters / student parameters;

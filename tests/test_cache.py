@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -13,12 +14,14 @@ import pytest
 import torch
 
 from data.cache import (
+    DEFAULT_CLASSES,
     FORMAT_VERSION,
     PARTIAL_SUFFIX,
     CacheMismatchError,
     build_cache,
     cache_key,
-    cache_path,
+    check_classes,
+    key_path,
     open_cache,
     verify,
 )
@@ -26,6 +29,18 @@ from data.features import LogMelFrontEnd
 from data.sources.base import Clip, SkippedClip, Source
 
 SR = 16000
+
+
+def default_path(
+    cache_dir: Path,
+    source: Source,
+    split: str,
+    front_end: LogMelFrontEnd,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+) -> Path:
+    """Where ``build_cache(..., cache_dir=cache_dir)`` puts a split: the key's folder."""
+    key = cache_key(source, split, front_end, check_classes(source, classes))
+    return key_path(cache_dir, source.name, split, key)
 
 
 def tone(seed: int, seconds: float = 1.0, channels: int = 2, sr: int = SR) -> np.ndarray:
@@ -118,8 +133,6 @@ def test_rows_attrs_and_class_subset_order(tmp_path: Path, native: LogMelFrontEn
     assert info.cache_key == cache_key(src, "train", native, ["snore", "quiet"])
     assert info.min_duration_s == 0.25 and info.format_version == FORMAT_VERSION
     ids = "".join(f"{c.clip_id}\n" for c in items).encode()
-    import hashlib
-
     assert info.member_list_hash == hashlib.sha256(ids).hexdigest()
     with h5py.File(path, "r") as f:
         assert f["features"].chunks == (1, 2, 64, 101)
@@ -303,7 +316,7 @@ def test_complete_cache_is_reused_without_recomputing(
 ) -> None:
     src = FakeSource(regular_items(4))
     first = build_cache(src, "train", native, cache_dir=tmp_path, progress=False)
-    assert first == cache_path(tmp_path, src, "train", native)
+    assert first == default_path(tmp_path, src, "train", native)
     mtime = first.stat().st_mtime_ns
     src.yielded = 0
     again = build_cache(src, "train", native, cache_dir=tmp_path, progress=False)
@@ -322,12 +335,12 @@ def test_another_config_gets_another_cache_and_verify_refuses(
         (FakeSource(regular_items(4), tag="v2"), native, ("quiet", "breathe", "snore")),
     ]
     for source, fe, classes in variants:
-        assert cache_path(tmp_path, source, "train", fe, classes) != path
+        assert default_path(tmp_path, source, "train", fe, classes) != path
         other_key = cache_key(source, "train", fe, classes)
         with pytest.raises(CacheMismatchError) as err:
             verify(path, other_key)
         assert other_key in str(err.value) and open_cache(path).cache_key in str(err.value)
-    assert cache_path(tmp_path, src, "validation", native) != path
+    assert default_path(tmp_path, src, "validation", native) != path
     assert verify(path, cache_key(src, "train", native)).n_rows == 4
 
 
@@ -335,7 +348,7 @@ def test_unknown_class_names_the_source_labels(tmp_path: Path, native: LogMelFro
     with pytest.raises(ValueError, match="gurgle.*quiet, non_wearer, breathe, snore, cough"):
         build_cache(FakeSource([]), "train", native, ["quiet", "gurgle"], tmp_path / "x.h5")
     with pytest.raises(ValueError, match="more than once"):
-        cache_path(tmp_path, FakeSource([]), "train", native, ["quiet", "quiet"])
+        build_cache(FakeSource([]), "train", native, ["quiet", "quiet"], tmp_path / "x.h5")
 
 
 def test_source_error_leaves_no_final_file(tmp_path: Path, native: LogMelFrontEnd) -> None:

@@ -84,3 +84,27 @@ def test_compatibility_names_what_differs() -> None:
         check_compatible(hparams, backbone={"class_path": "models.backbones.CRNN"})
     # a checkpoint from before the front end was recorded: features are not judged
     check_compatible({**hparams, "features": None}, feature_config={"eps": 0.1})
+
+
+def test_a_checkpoint_from_before_the_engine_callback_gets_its_fix_in_one_line(
+    fitted, tmp_path: Path, capsys
+) -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+
+    root, ckpt, _ = fitted
+    old = torch.load(ckpt, weights_only=True)
+    old["hyper_parameters"]["predict_engine"] = "auto"
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    with pytest.raises(SystemExit):
+        main(["test", *tiny_args(root), "--ckpt_path", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--predict_engine.runtime" in err[0]
+    fix = shlex.split(err[0].split("drop it from the file once: ", 1)[1])
+    subprocess.run([sys.executable, *fix[1:]], check=True)  # the printed command, as given
+    tested = main(["test", *tiny_args(root), "--ckpt_path", str(path)])
+    assert tested.trainer.state.finished

@@ -71,17 +71,21 @@ def test_test_and_predict_from_the_checkpoint(fitted):
     assert torch.allclose(probs, tested.model.test_predictions["probs"], atol=1e-5)
 
 
-def test_run_time_options_of_the_command_line_win_over_the_checkpoints(fitted):
+def test_the_predict_engine_is_a_callback_not_a_model_option(fitted):
+    """Choosing the engine never touches the checkpoint's hyper-parameters, and both agree."""
     tmp_path, cli = fitted
     best = cli.trainer.checkpoint_callback.best_model_path
     stored = torch.load(best, weights_only=True, map_location="cpu")["hyper_parameters"]
-    assert stored["predict_engine"] == "auto"  # what fit saved
-    predicted = main(
-        ["predict", *tiny_args(tmp_path), "--ckpt_path", best]
-        + ["--model.init_args.predict_engine", "torch"]
-    )
-    assert predicted.model.predict_engine == "torch"
-    assert predicted.model.hparams.predict_engine == "torch"
+    assert "predict_engine" not in stored
+    probs = {}
+    for runtime in ("torch", "onnxruntime"):
+        predicted = main(
+            ["predict", *tiny_args(tmp_path), "--ckpt_path", best]
+            + ["--predict_engine.runtime", runtime]
+        )
+        assert predicted.model.predict_runner is None  # handed back after the run
+        probs[runtime] = torch.cat(predicted.trainer.predict_loop.predictions)
+    assert torch.allclose(probs["torch"], probs["onnxruntime"], atol=1e-4)
 
 
 def test_checkpoint_of_another_backbone_is_refused(fitted, capsys):

@@ -49,6 +49,10 @@ def test_learning_rates_are_logged_and_the_optimizer_default_takes_a_new_lr(
     rates = [t for t in events.Tags()["scalars"] if t.startswith("lr-")]
     assert rates == ["lr-Adam"]
     assert events.Scalars("lr-Adam")[0].value == pytest.approx(0.003)
+    # the HParams tab: the run's hyper-parameters beside its best validation macro-F1
+    assert events.PluginTagToContent("hparams")  # the summary TensorBoard's tab reads
+    best = events.Scalars("hp/val_f1_macro")[-1].value
+    assert best == pytest.approx(float(cli.trainer.checkpoint_callback.best_model_score))
 
 
 def test_print_config_shows_the_optimizer_that_will_run(capsys) -> None:
@@ -56,7 +60,7 @@ def test_print_config_shows_the_optimizer_that_will_run(capsys) -> None:
         main(["fit", "--config", str(ROOT / "config" / "demo.yaml"), "--print_config"])
     assert stop.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "class_path: models.classifier.Adam" in out and "weight_decay: 1.0e-05" in out
+    assert "class_path: models.task.Adam" in out and "weight_decay: 1.0e-05" in out
 
 
 def test_test_and_predict_with_a_checkpoint_log_into_its_run_folder(tmp_path: Path) -> None:

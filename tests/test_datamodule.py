@@ -15,6 +15,7 @@ from torch import nn
 from data.cache import open_cache
 from data.datamodule import SleepSoundDataModule
 from data.features import LogMelFrontEnd
+from data.hashing import lines_sha256
 from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, SkippedClip, Source
 
 SR = 16000
@@ -188,7 +189,7 @@ def test_workers_and_in_memory_yield_the_same_rows(dm: SleepSoundDataModule, tmp
         progress=False,
     )
     memory.setup("validate")
-    assert memory._dataset("validation").features is not None
+    assert memory.dataset("validation").features is not None
     for (xa, ya), (xb, yb) in zip(reference, memory.val_dataloader(), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
@@ -274,8 +275,9 @@ def test_lightning_trainer_runs_prepare_setup_and_loaders(tmp_path: Path) -> Non
 
 def test_dreamcatcher_archive_to_batches(tmp_path: Path) -> None:
     """Synthetic corpus → DreamCatcher tarballs with bad members → caches → batches, both presets."""
+    from data.fixtures import MALFORMED_MEMBERS, write_dreamcatcher_archive
     from data.sources.dreamcatcher import DreamCatcher
-    from data.sources.synthetic import MALFORMED_MEMBERS, Synthetic, write_dreamcatcher_archive
+    from data.sources.synthetic import Synthetic
 
     synth = Synthetic(seed=3, clips_per_split={"train": 24, "validation": 8, "test": 8})
     root = write_dreamcatcher_archive(tmp_path / "dc", synth, malformed=True)
@@ -320,7 +322,8 @@ def test_dreamcatcher_archive_to_batches(tmp_path: Path) -> None:
             assert info.repair_counts["padded"] == (info.n_rows if preset == "reference" else 0)
             assert info.repair_counts["cropped"] == 0
             assert len(set(info.skipped)) == len(info.skipped) == sum(expected_skips.values())
-            assert info.member_list_hash == dm.source.member_list_hash(split)
+            ids = [item.clip_id for item in dm.source.iter_clips(split)]
+            assert info.member_list_hash == lines_sha256(ids)
         x, y = next(iter(dm.train_dataloader()))
         assert x.shape == (16, *shape) and x.dtype == torch.float32 and y.dtype == torch.int64
         x, _ = next(iter(dm.test_dataloader()))

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-import data.cache as cache_module
+import data.cache.space as space_module
 import data.sources.dreamcatcher as dreamcatcher_module
 from data.audio import SKIP_REASONS, AudioDecodeError, decode
 from data.cache import (
@@ -43,7 +43,8 @@ from data.cache import (
     build_cache,
     open_cache,
 )
-from data.datamodule import CachedSplit, SleepSoundDataModule
+from data.clips import CachedSplit
+from data.datamodule import SleepSoundDataModule
 from data.features import LogMelFrontEnd
 from data.sources import (
     ArchiveError,
@@ -55,7 +56,8 @@ from data.sources import (
     Synthetic,
 )
 from models.backbones import TinyCNN
-from models.classifier import Classifier, NonFiniteLossError
+from models.classifier import Classifier
+from models.task import NonFiniteLossError
 from util.callbacks import RunArtifacts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -544,7 +546,7 @@ def test_counts_are_shown_on_the_console_after_a_build_and_on_open(tmp_path):
 
 
 def test_too_little_free_space_is_refused_before_the_build(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "_free", lambda folder: 3_000_000)
+    monkeypatch.setattr(space_module, "free_bytes", lambda folder: 3_000_000)
     with pytest.raises(CacheSpaceError, match=r"about \d+\.\d MB needed \(200 clips") as err:
         build_cache(ListSource({"train": regular(200)}), "train", LogMelFrontEnd(),
                     path=tmp_path / "c.h5", progress=False)  # fmt: skip
@@ -553,13 +555,13 @@ def test_too_little_free_space_is_refused_before_the_build(tmp_path, monkeypatch
 
 
 def test_disk_filling_during_the_build_stops_cleanly_and_resumes(tmp_path, monkeypatch):
-    room = {"bytes": 10 * 26_000 + cache_module.SPACE_MARGIN}  # a disk with room for ~10 rows
+    room = {"bytes": 10 * 26_000 + space_module.SPACE_MARGIN}  # a disk with room for ~10 rows
 
     def free(folder: Path) -> int:
         return room["bytes"] - sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
-    monkeypatch.setattr(cache_module, "_free", free)
-    monkeypatch.setattr(cache_module, "_fallocate", None)  # judge by the (fake) free space
+    monkeypatch.setattr(space_module, "free_bytes", free)
+    monkeypatch.setattr(space_module, "_fallocate", None)  # judge by the (fake) free space
     source = ListSource({"train": regular(30)}, hint=False)
     target = tmp_path / "c.h5"
     with pytest.raises(CacheSpaceError, match="full.*resume"):
@@ -611,7 +613,7 @@ def test_full_disk_is_one_line_and_no_signal(tiny_disk, mode):
     out = run_python(BUILD_ON, mode, str(tiny_disk))
     assert out.returncode == 1, (out.returncode, out.stderr[-2000:])  # not 139 (SIGSEGV)
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("data.cache.CacheSpaceError: [Errno 28]")
+    assert last.startswith("data.cache.errors.CacheSpaceError: [Errno 28]")
     assert "free" in last and "cache_dir" in last
     partials = list(tiny_disk.rglob("*" + PARTIAL_SUFFIX))
     assert len(partials) == (1 if mode == "unsized" else 0)  # kept where it can resume

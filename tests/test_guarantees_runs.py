@@ -23,8 +23,9 @@ from huggingface_hub import constants as hub_constants
 
 import main as cli_main
 from tests.helpers import tiny_args, untrained_checkpoint
-from util import errors, export
+from util import errors
 from util.callbacks.artifacts import append_leaderboard_row
+from util.deploy.__main__ import main as export_main
 from util.outputs import OutputError, allocate_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys, checkpoints, kind, expec
     assert str(path) in line and expected in line and "--ckpt_path" in line
     assert "Traceback" not in err and "usage:" not in err
     # the export CLI says the same, in one line
-    assert export.main(["--ckpt_path", str(path), "--no-progress"]) == 1
+    assert export_main(["--ckpt_path", str(path), "--progress", "false"]) == 1
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if str(path) in line] == [
         f"export failed: {line.removeprefix('error: ').split(' (options:')[0]}"

@@ -22,8 +22,9 @@ from data.sources import DreamCatcher
 from data.sources.hub import HubAudioDataset
 from models.classifier import Classifier
 from tests.helpers import tiny_args, untrained_checkpoint
-from util import export
+from util import deploy
 from util.checkpoint import CheckpointError, force_weights_only, read_checkpoint
+from util.deploy.__main__ import main as export_main
 from util.redact import mask_text, mask_tree
 from util.sweep import Sweep, load_manifest, subprocess_runner
 
@@ -70,7 +71,7 @@ def _error_lines(text: str) -> list[str]:
 
 
 def test_export_refuses_a_hostile_checkpoint_without_running_it(hostile, capsys):
-    code = export.main(["--ckpt_path", str(hostile["path"]), "--no-progress"])
+    code = export_main(["--ckpt_path", str(hostile["path"]), "--progress", "false"])
     err = capsys.readouterr().err
     assert code == 1
     assert not hostile["marker"].exists()
@@ -81,12 +82,12 @@ def test_export_refuses_a_hostile_checkpoint_without_running_it(hostile, capsys)
 
 @pytest.mark.parametrize("kind", ["path", "legacy"])
 def test_load_classifier_and_read_checkpoint_refuse_hostile_pickles(hostile, kind):
-    with pytest.raises(export.ExportError, match="weights-only"):
-        export.load_classifier(hostile[kind])
+    with pytest.raises(deploy.ExportError, match="weights-only"):
+        deploy.load_classifier(hostile[kind])
     with pytest.raises(CheckpointError, match="refuses this file"):
         read_checkpoint(hostile[kind])
     assert not hostile["marker"].exists()
-    assert isinstance(export.load_classifier(hostile["good"]), Classifier)
+    assert isinstance(deploy.load_classifier(hostile["good"]), Classifier)
 
 
 @pytest.mark.parametrize("subcommand", ["test", "predict", "validate"])

@@ -1,10 +1,16 @@
-"""Night-long prediction: streaming windows, events, summary, plot, writer, synthetic night."""
+"""Night-long prediction: streaming windows, events, summary, plot, writer, synthetic night.
+
+Why about 680 lines: one night's path end to end (windows streamed from disk, the writer in
+``Trainer.predict``, ``main.py predict``) shares its fixtures and bad files; the streaming
+tests could move beside ``data/recordings.py`` in a ``tests/test_recordings.py``.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,18 +22,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data.audio import resample
 from data.features import LogMelFrontEnd
-from data.recording import (
-    BlockResampler,
-    RecordingWindows,
-    find_recordings,
-    load_windows_whole,
-    probe,
-)
-from data.sources.night import night_plan, truth_events, write_night
-from models.classifier import Classifier, build_like_cli, save_checkpoint
+from data.recordings import RecordingWindows
+from data.streaming import BlockResampler, find_recordings, probe
+from models.classifier import Classifier
+from tests.helpers import build_like_cli, load_windows_whole, save_checkpoint
 from util.callbacks.night import NightWriter
 from util.night import (
     Event,
+    PostProcessing,
     detect_events,
     evaluate_events,
     format_clock,
@@ -39,6 +41,7 @@ from util.night import (
     summarize,
     window_bounds,
 )
+from util.night.generate import night_plan, truth_events, write_night
 
 CLASSES = ["quiet", "breathe", "snore"]
 SR = 16000
@@ -110,11 +113,13 @@ def test_events_from_a_constructed_probability_sequence():
         probs,
         CLASSES,
         bounds,
-        median_windows=1,
-        on_threshold=0.5,
-        off_threshold=0.3,
-        min_duration_s=2.0,
-        merge_gap_s=3.0,
+        PostProcessing(
+            median_windows=1,
+            on_threshold=0.5,
+            off_threshold=0.3,
+            min_duration_s=2.0,
+            merge_gap_s=3.0,
+        ),
     )
     assert [(e.start_s, e.end_s, e.label) for e in events] == [
         (5.25, 15.25, "snore"),
@@ -123,7 +128,7 @@ def test_events_from_a_constructed_probability_sequence():
     assert events[0].mean_prob == pytest.approx((19 * 0.9 + 0.2) / 20)
     assert events[1].mean_prob == pytest.approx((10 * 0.6 + 0.35) / 11)
     # Without merging the dip splits the bout; a larger min duration then drops the 2.5 s half.
-    split = detect_events(probs, CLASSES, bounds, 1, 0.5, 0.3, 3.0, 0.0)
+    split = detect_events(probs, CLASSES, bounds, PostProcessing(1, 0.5, 0.3, 3.0, 0.0))
     assert [(e.start_s, e.end_s) for e in split if e.label == "snore"] == [(8.25, 15.25)]
 
 
@@ -137,20 +142,22 @@ def test_exclusive_events_give_overlaps_to_the_priority_class():
     probs[22, 2] = 0.8
     probs[:, 0] = 1.0 - probs[:, 1] - probs[:, 2]
     bounds = window_bounds(n, 0.5, 1.0, 30.25)
-    args = (probs, CLASSES, bounds, 1, 0.6, 0.4, 1.0, 0.0)
-    both = detect_events(*args, exclusive=False)
+    pp = PostProcessing(1, 0.6, 0.4, 1.0, 0.0)
+    both = detect_events(probs, CLASSES, bounds, replace(pp, exclusive=False))
     assert [(e.start_s, e.end_s, e.label) for e in both] == [
         (5.25, 25.25, "breathe"),
         (10.25, 15.25, "snore"),
     ]
-    cut = detect_events(*args)  # exclusive, snore first
+    cut = detect_events(probs, CLASSES, bounds, pp)  # exclusive, snore first
     assert [(e.start_s, e.end_s, e.label) for e in cut] == [
         (5.25, 10.25, "breathe"),
         (10.25, 15.25, "snore"),
         (15.25, 25.25, "breathe"),
     ]
     # A piece shorter than its class's minimum goes: the 5 s of breathing before the bout.
-    short = detect_events(*args[:6], {"breathe": 5.5, "default": 1.0}, 0.0)
+    short = detect_events(
+        probs, CLASSES, bounds, replace(pp, min_duration_s={"breathe": 5.5, "default": 1.0})
+    )
     assert [e.label for e in short] == ["snore", "breathe"]
 
 
@@ -176,6 +183,25 @@ def test_per_class_options_take_a_number_or_a_mapping_with_default():
     assert resolve({"snore": 10.0, "default": 3.0}, "breathe", CLASSES, "x") == 3.0
     with pytest.raises(ValueError, match="snroe"):
         resolve({"snroe": 1.0, "default": 3.0}, "snore", CLASSES, "merge_gap_s")
+
+
+def test_post_processing_resolves_per_class_and_refuses_bad_settings():
+    pp = PostProcessing(min_duration_s={"snore": 10.0, "default": 3.0}, background=["quiet"])
+    assert pp.background == ("quiet",)
+    assert pp.for_class("snore", CLASSES).min_duration_s == 10.0
+    assert pp.for_class("breathe", CLASSES).thresholds() == {
+        "on_threshold": 0.6,
+        "off_threshold": 0.4,
+        "min_duration_s": 3.0,
+        "merge_gap_s": 20.0,
+    }
+    assert list(pp.describe(CLASSES)["per_class"]) == ["breathe", "snore"]  # quiet: background
+    with pytest.raises(ValueError, match="median_windows"):
+        PostProcessing(median_windows=4)
+    with pytest.raises(ValueError, match="durations"):
+        PostProcessing(merge_gap_s=-1.0).check(CLASSES)
+    with pytest.raises(ValueError, match="no value for class 'breathe'"):
+        PostProcessing(on_threshold={"snore": 0.7}).check(CLASSES)
 
 
 def test_summary_numbers():
@@ -400,7 +426,10 @@ def test_writer_writes_events_summary_and_timeline_and_reports_bad_files(
     write_night(audio / "night.wav", hours=3 / 60, seed=1, scale=0.05)
     expected["night.wav"] = "ok"
     out = tmp_path / "out"
-    writer = NightWriter(output_dir=str(out), min_duration_s={"snore": 2.0, "default": 1.0})
+    writer = NightWriter(
+        output_dir=str(out),
+        postprocessing=PostProcessing(min_duration_s={"snore": 2.0, "default": 1.0}),
+    )
     ds = RecordingWindows(audio, front_end, batch_size=64)
     _trainer(writer).predict(model, DataLoader(ds, batch_size=None), return_predictions=False)
 
@@ -447,7 +476,7 @@ def test_writer_ignores_batches_that_are_not_recording_windows(tmp_path, model):
 
 
 def test_writer_checks_thresholds_before_predicting(model):
-    writer = NightWriter(on_threshold=0.3, off_threshold=0.5)
+    writer = NightWriter(postprocessing=PostProcessing(on_threshold=0.3, off_threshold=0.5))
     with pytest.raises(ValueError, match="off_threshold <= on_threshold"):
         writer.on_predict_start(None, model)
 
@@ -489,6 +518,16 @@ def test_synthetic_night_file_and_truth(tmp_path):
     assert np.isfinite(wave).all() and np.abs(wave).max() < 1.0
 
 
+def test_the_night_generator_runs_as_a_module(tmp_path, capsys):
+    from util.night import generate
+
+    out = tmp_path / "night.wav"
+    generate.main(["--hours", str(20 / 3600), "--out", str(out), "--seed", "2", "--scale", "0.02"])
+    assert sf.info(str(out)).duration == pytest.approx(20.0)
+    assert out.with_suffix(".csv").is_file()
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
 def _truth_probabilities(plan, class_names, n_windows, hop_s, window_s) -> np.ndarray:
     """Confident window probabilities from the truth: the label at each window's centre."""
     centres = np.arange(n_windows) * hop_s + window_s / 2
@@ -513,7 +552,7 @@ def test_summary_matches_the_synthetic_nights_truth():
     n = int((duration - window) // hop) + 1
     probs = _truth_probabilities(plan, classes, n, hop, window)
     bounds = window_bounds(n, hop, window, duration)
-    events = detect_events(probs, classes, bounds, 5, 0.5, 0.3, 0.5, 0.0)
+    events = detect_events(probs, classes, bounds, PostProcessing(5, 0.5, 0.3, 0.5, 0.0))
     truth = [Event(s.start_s, s.end_s, s.label) for s in truth_events(plan)]
     summary = summarize(events, median_filter(probs, 5), classes, bounds, duration)
 
@@ -574,7 +613,7 @@ def test_main_predict_writes_a_timeline_per_recording(tmp_path):
             "--data.predict_audio", str(audio),
             "--data.cache_dir", str(tmp_path / "cache"),
             "--night.output_dir", str(out),
-            "--night.min_duration_s", "{snore: 5.0, default: 3.0}",
+            "--night.postprocessing.min_duration_s", "{snore: 5.0, default: 3.0}",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
             "--trainer.enable_progress_bar", "false",
         ]

@@ -10,7 +10,7 @@ interpreter start is what would make it slow):
   corpus and one epoch (:data:`TINY`), so fit → test → export → predict really run;
 - ``main.py`` with any other config (DreamCatcher, which is gated): as written plus
   ``--print_config``, so the config resolves and every flag exists;
-- ``-m util.export``, ``-m util.sweep`` (``--dry-run`` added), ``-m data.sources.night``
+- ``-m util.deploy``, ``-m util.sweep`` (``--dry_run true`` added), ``-m util.night.generate``
   (a 36-second night): as written, tiny where it says so below;
 - ``benchmarks/*.py``: their arguments are parsed, nothing is measured.
 
@@ -51,7 +51,7 @@ TINY = [
     "false",
 ]
 #: Appended to exports: a one-epoch model on 64 clips may lose a clip or two in int8.
-TINY_EXPORT = ["--max_int8_drop_pp", "inf", "--no-progress"]
+TINY_EXPORT = ["--max_int8_drop_pp", ".inf", "--progress", "false"]
 #: Appended to the synthetic-night generator: 36 s instead of 8 hours.
 TINY_NIGHT = ["--hours", "0.01"]
 #: Shell commands the README shows that are not the project's (run by the user as they are).
@@ -229,20 +229,20 @@ def run_python(argv: list[str], sandbox: Path, monkeypatch: pytest.MonkeyPatch) 
                 return f"--ckpt_path {ckpt!r} names no file"
         with argv_and_output(["main.py"]):  # LightningCLI reads args=, not sys.argv
             code = run_main(rest)
-    elif args[:2] == ["-m", "util.export"]:
-        from util import export
+    elif args[:2] == ["-m", "util.deploy"]:
+        from util.deploy.__main__ import main as export_main
 
         rest = args[2:] + ([] if "--help" in args else TINY_EXPORT)
-        with argv_and_output(["util.export", *rest]):
-            code = exit_code(lambda: export.main(rest))
+        with argv_and_output(["util.deploy", *rest]):
+            code = exit_code(lambda: export_main(rest))
     elif args[:2] == ["-m", "util.sweep"]:
         from util import sweep
 
-        rest = args[2:] + ([] if "--dry-run" in args else ["--dry-run"])
+        rest = args[2:] + ["--dry_run", "true"]  # the last value wins
         with argv_and_output(["util.sweep", *rest]):
             code = exit_code(lambda: sweep.main(rest))
-    elif args[:2] == ["-m", "data.sources.night"]:
-        from data.sources import night
+    elif args[:2] == ["-m", "util.night.generate"]:
+        from util.night import generate as night
 
         rest = args[2:] + TINY_NIGHT
         with argv_and_output(["night", *rest]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from util.sweep import (
     ManifestError,
     Run,
     Sweep,
+    SweepError,
     bootstrap_macro_f1,
     load_manifest,
-    macro_f1_from_confusion,
 )
 from util.sweep import main as sweep_main
+from util.sweep.stats import bootstrap_replicates
 
 CLASSES = ["quiet", "breathe", "snore"]
 
@@ -44,7 +46,10 @@ def test_reference_manifest_plans_11_baselines_and_18_distillations_per_seed(cap
     assert {s.baseline for s in m.phase2} == {"tinycnn", "tinycnn_cbam"}
     assert len(m.tuning) > 0
 
-    assert sweep_main(["--manifest", str(ROOT / "config/sweep/reference.yaml"), "--dry-run"]) == 0
+    assert (
+        sweep_main(["--manifest", str(ROOT / "config/sweep/reference.yaml"), "--dry_run", "true"])
+        == 0
+    )
     text = capsys.readouterr().out
     seeds = len(m.seeds)
     assert f"phase 1: 11 runs per seed x {seeds} seeds = {11 * seeds} runs" in text
@@ -83,6 +88,46 @@ def test_manifest_errors_say_where(tmp_path: Path) -> None:
                 ]
             )
         )
+
+
+def test_cli_help_lists_every_option_with_its_default(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        sweep_main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--manifest",
+        "--out",
+        "--dry_run {true,false}",
+        "--resume",
+        "--jobs",
+        "--debug",
+    ):
+        assert option in text
+    assert "default: False" in text and "default: 1" in text
+
+
+def test_cli_errors_are_one_line_and_debug_adds_the_traceback(tmp_path: Path, capsys) -> None:
+    def error(*argv: str, code: int) -> str:
+        assert sweep_main(list(argv)) == code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    reference = str(ROOT / "config/sweep/reference.yaml")
+    assert "--dry-run" in error("--manifest", reference, "--dry-run", code=2)
+    assert "jobs" in error("--manifest", reference, "--jobs", "0", code=2)
+    assert "missing.yaml" in error("--manifest", str(tmp_path / "missing.yaml"), code=2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**_manifest_dict(tmp_path), "phase2": [{"name": "x"}]}))
+    assert "phase2[0]: a run spec needs 'name' and 'model'" in error("--manifest", str(bad), code=2)
+    assert sweep_main(["--manifest", str(bad), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_manifest_dict(tmp_path)))
+    (tmp_path / "out" / "runs" / "old").mkdir(parents=True)
+    line = error("--manifest", str(good), "--out", str(tmp_path / "out"), code=1)
+    assert "--resume true" in line
 
 
 # -- a fake runner: results without training ---------------------------------------------------
@@ -278,7 +323,7 @@ def test_resume_skips_finished_runs_and_retrains_changed_ones(tmp_path: Path) ->
     _sweep(tmp_path, first).run()
     assert len(first.calls) == 2 * (4 + 2)  # 4 phase-1 + 2 phase-2 configs, 2 seeds
 
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SweepError, match="--resume true"):
         _sweep(tmp_path, FakeRunner(scores)).run()
 
     again = FakeRunner(scores)
@@ -344,14 +389,28 @@ def test_summary_aggregates_seeds_and_chooses_on_validation_only(tmp_path: Path)
 # -- statistics ---------------------------------------------------------------------------------
 
 
-def test_macro_f1_matches_torchmetrics_including_an_absent_class() -> None:
-    rng = np.random.default_rng(0)
-    target = rng.integers(0, 3, 200)  # class 3 never occurs nor is predicted
-    pred = np.where(rng.random(200) < 0.7, target, rng.integers(0, 3, 200))
-    confusion = np.zeros((4, 4))
-    np.add.at(confusion, (target, pred), 1)
-    expected = multiclass_f1_score(torch.tensor(pred), torch.tensor(target), 4, average="macro")
-    assert macro_f1_from_confusion(confusion) == pytest.approx(expected.item(), abs=1e-6)
+def test_bootstrap_replicates_match_the_exact_bootstrap_by_torchmetrics() -> None:
+    # 4 clips, 2 seeds sharing them: all 4**4 redraws, each scored by torchmetrics, are the
+    # exact bootstrap distribution; class 2 never occurs, and some redraws lose class 1 too
+    target = np.array([0, 0, 1, 1])
+    runs = [(target, np.array([0, 1, 1, 1])), (target, np.array([0, 0, 0, 1]))]
+
+    def f1(t: np.ndarray, p: np.ndarray) -> float:
+        return multiclass_f1_score(torch.tensor(p), torch.tensor(t), 3, average="macro").item()
+
+    exact = np.array(
+        [
+            np.mean([f1(t[list(draw)], p[list(draw)]) for t, p in runs])
+            for draw in itertools.product(range(4), repeat=4)
+        ]
+    )
+    replicates = bootstrap_replicates(runs, 3, resamples=20_000, seed=0)
+    assert set(np.round(replicates, 5)) <= set(np.round(exact, 5))
+    assert replicates.mean() == pytest.approx(exact.mean(), abs=4 * exact.std() / np.sqrt(20_000))
+    assert replicates.std() == pytest.approx(exact.std(), rel=0.05)
+    point, low, high = bootstrap_macro_f1(runs, 3, resamples=20_000)
+    assert point == pytest.approx(np.mean([f1(t, p) for t, p in runs]), abs=1e-6)
+    assert (low, high) == pytest.approx(tuple(np.percentile(exact, [2.5, 97.5])), abs=0.05)
 
 
 def test_bootstrap_interval_brackets_the_point_and_shrinks_with_more_clips() -> None:
@@ -478,6 +537,6 @@ def test_tiny_real_sweep_end_to_end(tmp_path: Path) -> None:
     assert set(summary) == {"tinycnn", "crnn", "crnn_h16", "kd"}
     assert json.loads((out / "gate.json").read_text())["tuned"] is True
     # resume: nothing to retrain
-    assert sweep_main(["--manifest", str(manifest), "--out", str(out), "--resume"]) == 0
+    assert sweep_main(["--manifest", str(manifest), "--out", str(out), "--resume", "true"]) == 0
     records = [json.loads(p.read_text()) for p in out.glob("runs/*/seed0/sweep_run.json")]
     assert len(records) == 4

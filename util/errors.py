@@ -2,7 +2,7 @@
 
 A failure prints ``error: <what, and what to do>`` (masked: it may end up in a log);
 ``--debug`` on the command line, or ``EARSLEEP_DEBUG=1``, adds the full traceback.
-``main.py`` and ``python -m util.export`` report errors this way.
+``main.py`` and ``python -m util.deploy`` report errors this way.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """Where clips come from: DreamCatcher, a folder of audio, a hub dataset, a synthetic corpus.
 
-Every source honours the clip contract of :mod:`data.sources.base`.
+Every source honours the clip contract of :mod:`data.sources.base`. The writer of the
+synthetic corpus as DreamCatcher tarballs is :mod:`data.fixtures`.
 """
 
 from data.sources.audiofolder import AudioFolder
 from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, SkippedClip, Source
 from data.sources.dreamcatcher import ArchiveError, DatasetAccessError, DreamCatcher
 from data.sources.hub import HubAudioDataset
-from data.sources.synthetic import MALFORMED_MEMBERS, Synthetic, write_dreamcatcher_archive
+from data.sources.synthetic import Synthetic
 
 __all__ = [
     "DREAMCATCHER_LABELS",
-    "MALFORMED_MEMBERS",
     "SPLITS",
     "ArchiveError",
     "AudioFolder",
@@ -22,5 +22,4 @@ __all__ = [
     "SkippedClip",
     "Source",
     "Synthetic",
-    "write_dreamcatcher_archive",
 ]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.audio import AudioDecodeError, decode
-from data.sources.base import SPLITS, Clip, SkippedClip, Source, TreeFile, place_files
-
-#: File name endings read as audio (compared case-insensitively).
-AUDIO_SUFFIXES = (".wav", ".flac")
+from data.audio import AUDIO_SUFFIXES
+from data.hashing import lines_sha256
+from data.sources.base import SPLITS, Clip, SkippedClip, Source
+from data.sources.tree import TreeFile, place_files, read_tree_file
 
 
 class AudioFolder(Source):
@@ -24,7 +22,7 @@ class AudioFolder(Source):
     skipped as ``not_audio``, one in a deeper folder or directly in the split folder
     as ``misplaced``, one under a split folder spelled in other case (``Train/``) as
     ``misspelled_split``; a WAV cut short is skipped as ``truncated`` and a file
-    soundfile cannot decode as ``corrupt``. Files in no split folder are counted in
+    soundfile cannot decode (or read) as ``corrupt``. Files in no split folder are counted in
     the fingerprint. ``clip_id`` is the path relative to ``root``.
 
     Args:
@@ -50,16 +48,7 @@ class AudioFolder(Source):
     def iter_clips(self, split: str) -> Iterator[Clip | SkippedClip]:
         """Yield every file of ``split`` in sorted order: a clip or a counted skip."""
         for file in self._files(split):
-            rel, label = file.rel, file.label
-            if file.reason is not None:
-                yield SkippedClip(rel, split, label, file.reason)
-                continue
-            try:
-                waveform, sr = decode(file.path.read_bytes())
-            except AudioDecodeError as err:
-                yield SkippedClip(rel, split, label, err.reason)
-                continue
-            yield Clip(waveform, sr, label, rel, split)
+            yield read_tree_file(file)
 
     def fingerprint(self, split: str) -> dict[str, str]:
         """A hash of the split's file list with sizes and modification times.
@@ -67,18 +56,16 @@ class AudioFolder(Source):
         A rewritten file almost always changes its time; a copied folder merely
         rebuilds its cache once.
         """
-        sha = hashlib.sha256()
         files = self._files(split)
+        listing = []
         for file in files:
             st = file.path.stat()
-            sha.update(
-                f"{file.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
-            )
+            listing.append(f"{file.rel}\0{st.st_size}\0{st.st_mtime_ns}")
         return {
             "source": self.name,
             "split": split,
             "files": str(len(files)),
-            "listing_sha256": sha.hexdigest(),
+            "listing_sha256": lines_sha256(listing),
             "outside_splits": str(len(place_files(self.root, AUDIO_SUFFIXES, True)[1])),
         }
 

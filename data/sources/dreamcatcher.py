@@ -11,9 +11,7 @@ two folders directly above the file, and nothing else is read as a label.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
-import os
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -29,15 +27,9 @@ from huggingface_hub.errors import (
 )
 
 from data.audio import AudioDecodeError, decode
-from data.sources.base import (
-    DREAMCATCHER_LABELS,
-    SPLITS,
-    Clip,
-    SkippedClip,
-    Source,
-    TreeFile,
-    place_files,
-)
+from data.hashing import head_tail_digest, lines_sha256
+from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, SkippedClip, Source
+from data.sources.tree import TreeFile, place_files, read_tree_file
 
 try:  # ISA-L's inflate is about 2.3x zlib's; the standard library's gzip reads the same files.
     from isal import igzip as _fast_gzip
@@ -55,7 +47,6 @@ READER_VERSION = 2
 _TAR_BUFSIZE = 1 << 16
 #: Errors of a damaged gzip stream, from either inflater.
 _GZIP_ERRORS = (tarfile.ReadError, zlib.error, _fast_inflate_error, gzip.BadGzipFile, EOFError)
-_MIB = 1 << 20
 #: Why a source refuses a token argument (shared with the hub source).
 _TOKEN_REFUSED = (
     "{source}: a hub token is not accepted as a config value (it would be saved with the "
@@ -71,20 +62,6 @@ class DatasetAccessError(RuntimeError):
 
 class ArchiveError(RuntimeError):
     """A tarball is truncated or not a gzip-compressed tar."""
-
-
-def file_digest(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Cheap, stable identity of a local file: its size and a sha256 of its first and last MiB."""
-    size = os.path.getsize(path)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        sha.update(f.read(_MIB))
-        if size > 2 * _MIB:
-            f.seek(size - _MIB)
-            sha.update(f.read(_MIB))
-        elif size > _MIB:
-            sha.update(f.read())
-    return {"size": str(size), "head_tail_sha256": sha.hexdigest()}
 
 
 def is_unsafe_member(name: str) -> bool:
@@ -123,9 +100,8 @@ class DreamCatcher(Source):
     ``misspelled_split``, one not at ``<split>/<label>/<file>`` as ``misplaced``;
     files in no split folder are counted in the fingerprint and logged.
 
-    The cache computes the member-list hash for its fingerprint from the
-    ``clip_id`` of every yielded record (clips and skipped members alike);
-    :meth:`member_list_hash` gives the same after a complete iteration.
+    The cache hashes the ``clip_id`` of every yielded record (clips and skipped
+    members alike) into its member-list hash.
 
     Args:
         root: local folder holding the tarballs or the extracted tree; ``None``
@@ -163,20 +139,14 @@ class DreamCatcher(Source):
             raise FileNotFoundError(f"DreamCatcher root {self.root} is not a folder")
         self._tree: dict[str, list[TreeFile]] | None = None
         self._outside: list[str] = []
-        self._member_hashes: dict[str, str] = {}
 
     # -- Source API -----------------------------------------------------------------
 
     def iter_clips(self, split: str) -> Iterator[Clip | SkippedClip]:
         """Yield every ``.wav`` member of ``split``: a Clip, or a SkippedClip with its reason."""
         _check_split(split)
-        sha = hashlib.sha256()
         tarball = self._tarball(split)
-        records = self._iter_tar(tarball, split) if tarball else self._iter_tree(split)
-        for record in records:
-            sha.update(record.clip_id.encode("utf-8", "surrogateescape") + b"\n")
-            yield record
-        self._member_hashes[split] = sha.hexdigest()
+        yield from self._iter_tar(tarball, split) if tarball else self._iter_tree(split)
 
     def fingerprint(self, split: str) -> dict[str, str]:
         """Hub: repo, revision and file name. Local tarball: size and head/tail hash.
@@ -194,17 +164,18 @@ class DreamCatcher(Source):
             }
         tarball = self._local_tarball(split)
         if tarball is not None:
-            return {**common, "kind": "tarball", "filename": tarball.name, **file_digest(tarball)}
+            return {
+                **common,
+                "kind": "tarball",
+                "filename": tarball.name,
+                **head_tail_digest(tarball),
+            }
         files = self._tree_files(split)
-        sha = hashlib.sha256()
-        for file in files:
-            size = file.path.stat().st_size
-            sha.update(f"{file.rel}\0{size}\n".encode("utf-8", "surrogateescape"))
         return {
             **common,
             "kind": "tree",
             "files": str(len(files)),
-            "listing_sha256": sha.hexdigest(),
+            "listing_sha256": lines_sha256(f"{f.rel}\0{f.path.stat().st_size}" for f in files),
             "outside_splits": str(len(self._outside)),
         }
 
@@ -213,13 +184,6 @@ class DreamCatcher(Source):
         if self.root is None or self._local_tarball(split) is not None:
             return None
         return len(self._tree_files(split))
-
-    def member_list_hash(self, split: str) -> str | None:
-        """sha256 of the ``clip_id`` of every record yielded by the last complete iteration.
-
-        Each id is followed by a newline. ``None`` when ``split`` was never read to its end.
-        """
-        return self._member_hashes.get(split)
 
     # -- locating -------------------------------------------------------------------
 
@@ -295,22 +259,7 @@ class DreamCatcher(Source):
 
     def _iter_tree(self, split: str) -> Iterator[Clip | SkippedClip]:
         for file in self._tree_files(split):
-            rel, label = file.rel, file.label
-            if file.reason is not None:
-                yield SkippedClip(rel, split, label, file.reason)
-                continue
-            if label not in self.labels:
-                yield SkippedClip(rel, split, label, "unknown_label")
-                continue
-            try:
-                waveform, sr = decode(file.path.read_bytes())
-            except AudioDecodeError as err:
-                yield SkippedClip(rel, split, label, err.reason)
-                continue
-            except OSError:
-                yield SkippedClip(rel, split, label, "corrupt")
-                continue
-            yield Clip(waveform, sr, label, rel, split)
+            yield read_tree_file(file, self.labels)
 
     def _iter_tar(self, tarball: Path, split: str) -> Iterator[Clip | SkippedClip]:
         index, last = 0, "(none)"  # members read so far, and the last one's name

@@ -7,15 +7,15 @@ and its bytes are decoded with soundfile (:func:`data.audio.decode`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from data.audio import AudioDecodeError, decode
+from data.hashing import head_tail_digest, lines_sha256
 from data.sources.base import SPLITS, Clip, SkippedClip, Source
-from data.sources.dreamcatcher import _TOKEN_REFUSED, file_digest
+from data.sources.dreamcatcher import _TOKEN_REFUSED
 
 _BATCH = 256
 
@@ -126,13 +126,13 @@ class HubAudioDataset(Source):
             "label_column": self.label_column,
         }
         if self._local:
-            sha = hashlib.sha256()
             files = self._local_files(ds_split)
+            listing = []
             for f in files:
-                digest = file_digest(f)
+                digest = head_tail_digest(f)
                 rel = f.relative_to(self.path).as_posix()
-                sha.update(f"{rel}\0{digest['size']}\0{digest['head_tail_sha256']}\n".encode())
-            return {**common, "files": str(len(files)), "files_sha256": sha.hexdigest()}
+                listing.append(f"{rel}\0{digest['size']}\0{digest['head_tail_sha256']}")
+            return {**common, "files": str(len(files)), "files_sha256": lines_sha256(listing)}
         # Built from the resolved data files (hub commit included): stable across loads.
         return {
             **common,

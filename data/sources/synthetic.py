@@ -1,4 +1,4 @@
-"""A procedural corpus of two-channel sleep sounds, and a writer for DreamCatcher tarballs.
+"""A procedural corpus of two-channel sleep sounds, deterministic from a seed.
 
 :class:`Synthetic` draws every clip from ``(seed, split, index)`` alone, so any clip
 can be regenerated on its own and the corpus never depends on generation order.
@@ -28,31 +28,25 @@ Noise comes from per-split banks of shaped noise (made once per ``(seed, split)`
 in the frequency domain) read at random offsets, which keeps generation at
 thousands of clips per second on one core without scipy.
 
-Why about 740 lines: the class generators (breathing, snoring, partner sounds, room
-noise) share one parameter space and one seeded plan; the DreamCatcher-layout archive
-writer is to move to ``data/fixtures.py`` (issue 14), which leaves the generators alone
-here.
+The sound primitives are public (:meth:`Synthetic.add_sound`, :meth:`Synthetic.noise_banks`,
+:func:`breath_envelopes`, :class:`Sound`) so that the synthetic night
+(:mod:`util.night.generate`) makes the same sounds, second after second. The corpus is
+written as DreamCatcher tarballs by :func:`data.fixtures.write_dreamcatcher_archive`.
+
+Why about 530 lines: the class generators (breathing, snoring, partner sounds, room noise)
+share one parameter space, one seeded plan and one set of noise banks.
 """
 
 from __future__ import annotations
 
-import io
-import os
-import queue
-import struct
-import tarfile
-import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from math import log, sqrt
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import soundfile as sf
 
-from data.audio import resample
-from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, SkippedClip, Source
+from data.sources.base import Clip, SkippedClip, Source
 
 #: Bump when the generated audio changes for the same arguments.
 SYNTHETIC_VERSION = 1
@@ -66,10 +60,33 @@ _PARTNER_KINDS = ("snore", "breath", "cough")
 _PARTNER_CUM = (0.45, 0.8, 1.0)
 #: Formant ranges (Hz) and relative amplitudes of the snore resonators.
 _FORMANTS = ((250.0, 650.0, 1.0), (800.0, 1500.0, 0.6), (2000.0, 3200.0, 0.35))
-#: log2 of the noise bank length in samples (2**18: about 16 s at 16 kHz).
-_BANK_LOG2 = 18
-#: Default path prefix inside the written tarballs, as long as the real dataset's.
-DEFAULT_PREFIX = "home/user/datasets/DreamCatcher/extracted/v1"
+#: Samples of each noise bank before its wrap-around head (2**18: about 16 s at 16 kHz).
+BANK_SAMPLES = 1 << 18
+
+#: Inhale and exhale envelopes (``{"inhale": ..., "exhale": ...}``), one float32 value
+#: per envelope step of a clip (:attr:`Synthetic.envelope_times`).
+Envelopes = dict[str, np.ndarray]
+#: Unit-RMS shaped noise banks by kind (:meth:`Synthetic.noise_banks`).
+Banks = dict[str, np.ndarray]
+
+
+class Sound(NamedTuple):
+    """One sound for :meth:`Synthetic.add_sound` to add to a clip.
+
+    Attributes:
+        kind: ``breath``, ``snore`` (over quieter breathing) or ``cough``.
+        level: linear amplitude where the sound is loudest: in the ear for the
+            wearer's own sounds, on the outer microphone for the partner's.
+        wearer: the wearer's own sound (body-conducted: strongest in the ear) or
+            the bed partner's (airborne: strongest on the outer microphone).
+        envelopes: the breathing it follows (:func:`breath_envelopes`); unused by
+            a cough.
+    """
+
+    kind: str
+    level: float
+    wearer: bool = True
+    envelopes: Envelopes | None = None
 
 
 class Synthetic(Source):
@@ -126,11 +143,13 @@ class Synthetic(Source):
         self.duration_s = float(duration_s)
         self.num_samples = int(round(self.duration_s * self.sample_rate))
         self._cum_weights = np.cumsum(self.class_weights)
-        self._banks: dict[str, dict[str, np.ndarray]] = {}
+        self._banks: dict[str, Banks] = {}
         n_env = -(-self.num_samples // _ENV_HOP)
-        self._n_pad = n_env * _ENV_HOP
-        #: Start time (s) of each envelope step; envelopes hold one value per step.
-        self._t_env = np.arange(n_env) * _ENV_HOP / self.sample_rate
+        #: Samples every primitive works on: ``num_samples`` rounded up to whole
+        #: envelope steps (a clip is cropped to ``num_samples`` at the end).
+        self.padded_samples = n_env * _ENV_HOP
+        #: Start time (s) of each envelope step of a clip; envelopes hold one value per step.
+        self.envelope_times = np.arange(n_env) * _ENV_HOP / self.sample_rate
 
     # -- Source API -----------------------------------------------------------------
 
@@ -197,11 +216,19 @@ class Synthetic(Source):
     def _split_code(self, split: str) -> int:
         return zlib.crc32(split.encode())
 
-    def _bank(self, split: str) -> dict[str, np.ndarray]:
-        """Unit-RMS shaped noise banks of ``split`` (made once, from seed and split only)."""
+    def noise_banks(self, split: str) -> Banks:
+        """Unit-RMS shaped noise of ``split``, made once from the seed and ``split`` alone.
+
+        Kinds: ``white``, ``pink``, ``brown`` (room noise) and ``breath_air``,
+        ``breath_hiss``, ``breath_body`` (one turbulence noise filtered three ways, so
+        equal offsets are coherent). Each holds :data:`BANK_SAMPLES` samples followed by
+        its first :attr:`padded_samples` again, so any offset below
+        :data:`BANK_SAMPLES` reads a whole clip without wrapping. Any name works as
+        ``split`` (the synthetic night uses ``"night"``).
+        """
         if split not in self._banks:
             rng = np.random.default_rng([self.seed, self._split_code(split), 1])
-            n = 1 << _BANK_LOG2
+            n = BANK_SAMPLES
             f = np.fft.rfftfreq(n, 1.0 / self.sample_rate).astype(np.float32)
             f_safe = np.maximum(f, np.float32(20.0))
 
@@ -234,7 +261,7 @@ class Synthetic(Source):
                 "breath_hiss": shaped(breath, hp(1200.0) * lp(6000.0, 2)),
                 "breath_body": shaped(breath, hp(60.0) * lp(450.0)),
             }
-            m = self._n_pad
+            m = self.padded_samples
             # Append the head so any offset in [0, n) reads m samples without wrapping.
             self._banks[split] = {
                 k: np.concatenate([v, v[:m]]).astype(np.float32) for k, v in banks.items()
@@ -245,13 +272,12 @@ class Synthetic(Source):
         if index < 0:
             raise IndexError(f"clip index must be >= 0, got {index}")
         rng = _Draws(np.random.default_rng([self.seed, self._split_code(split), 0, index]))
-        bank = self._bank(split)
-        n = self._n_pad  # work on whole envelope steps; cropped to num_samples at the end
-        span = 1 << _BANK_LOG2
+        bank = self.noise_banks(split)
+        n = self.padded_samples  # work on whole envelope steps; cropped to num_samples at the end
         label = self.labels[int(np.searchsorted(self._cum_weights, rng.random() * 0.999999))]
 
         def noise(kind: str) -> np.ndarray:
-            o = int(rng.integers(span))
+            o = int(rng.integers(BANK_SAMPLES))
             return bank[kind][o : o + n]
 
         # Room noise: random colour and level outside, occluded inside, self-noise floor.
@@ -260,20 +286,20 @@ class Synthetic(Source):
         inear, outer = wave[0], wave[1]
         room_db = rng.uniform(-70.0, -35.0)
         colour = [rng.exponential() for _ in range(3)]  # Dirichlet(1, 1, 1) mix weights
-        norm = _db(room_db) / sqrt(sum(c * c for c in colour))
-        self_noise = _db(rng.uniform(-88.0, -78.0))  # white: adds in power to the room's
+        norm = db_gain(room_db) / sqrt(sum(c * c for c in colour))
+        self_noise = db_gain(rng.uniform(-88.0, -78.0))  # white: adds in power to the room's
         np.multiply(noise("white"), sqrt((colour[0] * norm) ** 2 + self_noise**2), out=outer)
         outer += noise("pink") * (colour[1] * norm)
         outer += noise("brown") * (colour[2] * norm)
         occlusion_db = rng.uniform(6.0, 16.0)
         pb = rng.uniform(0.2, 1.0)
-        g_in = _db(room_db - occlusion_db) / sqrt(pb**2 + (1 - pb) ** 2)
+        g_in = db_gain(room_db - occlusion_db) / sqrt(pb**2 + (1 - pb) ** 2)
         np.multiply(noise("white"), self_noise, out=inear)
         inear += noise("pink") * (g_in * pb)
         inear += noise("brown") * (g_in * (1 - pb))
 
         snr_db = rng.uniform(-10.0, 25.0)
-        event = _db(room_db + snr_db)
+        event = db_gain(room_db + snr_db)
         info: dict[str, Any] = {
             "label": label,
             "room_db": room_db,
@@ -282,29 +308,15 @@ class Synthetic(Source):
             "kind": None,
             "f0_hz": None,
         }
-        if label == "breathe":
-            info.update(emitter="wearer", kind="breath")
-            env = self._breath_env(rng, snore=False)
-            self._add_breath(rng, bank, wave, env, event, wearer=True)
-        elif label == "snore":
-            info.update(emitter="wearer", kind="snore")
-            env = self._breath_env(rng, snore=True)
-            info["f0_hz"] = self._add_snore(rng, wave, env, event, wearer=True)
-            breath_level = event * _db(-rng.uniform(6.0, 20.0))
-            self._add_breath(rng, bank, wave, env, breath_level, wearer=True)
-        elif label == "non_wearer":
-            kind = _PARTNER_KINDS[int(np.searchsorted(_PARTNER_CUM, rng.random() * 0.999999))]
-            info.update(emitter="partner", kind=kind)
-            if kind == "snore":
-                env = self._breath_env(rng, snore=True)
-                info["f0_hz"] = self._add_snore(rng, wave, env, event, wearer=False)
-                breath_level = event * _db(-rng.uniform(6.0, 20.0))
-                self._add_breath(rng, bank, wave, env, breath_level, wearer=False)
-            elif kind == "breath":
-                env = self._breath_env(rng, snore=False)
-                self._add_breath(rng, bank, wave, env, event, wearer=False)
+        if label != "quiet":
+            wearer = label != "non_wearer"
+            if wearer:
+                kind = "snore" if label == "snore" else "breath"
             else:
-                self._add_cough(rng, bank, wave, event)
+                kind = _PARTNER_KINDS[int(np.searchsorted(_PARTNER_CUM, rng.random() * 0.999999))]
+            info.update(emitter="wearer" if wearer else "partner", kind=kind)
+            env = None if kind == "cough" else self._breath_env(rng, snore=kind == "snore")
+            info["f0_hz"] = self.add_sound(rng, wave, bank, Sound(kind, event, wearer, env))
 
         if n != self.num_samples:
             wave = np.ascontiguousarray(wave[:, : self.num_samples])
@@ -313,7 +325,34 @@ class Synthetic(Source):
             wave *= 0.95 / peak
         return wave, info
 
-    def _breath_env(self, rng: _Rng, snore: bool) -> dict[str, np.ndarray]:
+    # -- sound primitives (the synthetic night drives them too) -------------------
+
+    def add_sound(self, rng: Rng, wave: np.ndarray, bank: Banks, sound: Sound) -> float | None:
+        """Add ``sound`` to ``wave`` in place; return a snore's pulse rate (Hz), else ``None``.
+
+        Args:
+            rng: where every draw comes from (voice, channel gains, noise offsets).
+            wave: ``(2, padded_samples)`` float32, in-ear channel first.
+            bank: the noise to shape (:meth:`noise_banks`).
+            sound: what to add; a snore also adds the breathing it rides on, 6-20 dB
+                quieter.
+        """
+        if sound.kind == "cough":
+            self._add_cough(rng, bank, wave, sound.level)
+            return None
+        if sound.envelopes is None:
+            raise ValueError(f"a {sound.kind} sound needs breathing envelopes")
+        if sound.kind == "breath":
+            self._add_breath(rng, bank, wave, sound)
+            return None
+        if sound.kind != "snore":
+            raise ValueError(f"sound kind must be breath, snore or cough, got {sound.kind!r}")
+        f0 = self._add_snore(rng, wave, sound)
+        breath = sound._replace(level=sound.level * db_gain(-rng.uniform(6.0, 20.0)))
+        self._add_breath(rng, bank, wave, breath)
+        return f0
+
+    def _breath_env(self, rng: Rng, snore: bool) -> Envelopes:
         """Inhale and exhale envelopes (one value per envelope step, float32).
 
         Breathing is caught at any phase; a snore clip is placed so that its inhale
@@ -327,27 +366,19 @@ class Synthetic(Source):
             phase0 = (-start / period) % 1.0
         else:
             phase0 = rng.random()
-        phi = (phase0 + self._t_env / period) % 1.0
-        inhale = _bump(phi / p_in)
-        exhale = _bump((phi - p_in) / p_ex) * rng.uniform(0.4, 1.0)
-        return {"inhale": inhale.astype(np.float32), "exhale": exhale.astype(np.float32)}
+        phi = (phase0 + self.envelope_times / period) % 1.0
+        return breath_envelopes(phi, p_in, p_ex, rng.uniform(0.4, 1.0))
 
-    def _add_breath(
-        self,
-        rng: _Rng,
-        bank: dict[str, np.ndarray],
-        wave: np.ndarray,
-        env: dict[str, np.ndarray],
-        level: float,
-        wearer: bool,
-    ) -> None:
-        n = self._n_pad
-        o = int(rng.integers(1 << _BANK_LOG2))
+    def _add_breath(self, rng: Rng, bank: Banks, wave: np.ndarray, sound: Sound) -> None:
+        """Add band-limited turbulence noise under the inhale and exhale envelopes."""
+        level, env = sound.level, sound.envelopes
+        n = self.padded_samples
+        o = int(rng.integers(BANK_SAMPLES))
         hiss = rng.uniform(0.0, 0.6)
-        if wearer:  # body-conducted: strongest and lowest in the ear
-            g_in, g_out = level, level * _db(-rng.uniform(2.0, 12.0))
+        if sound.wearer:  # body-conducted: strongest and lowest in the ear
+            g_in, g_out = level, level * db_gain(-rng.uniform(2.0, 12.0))
         else:  # the partner: airborne to the outer mic, occluded in the ear
-            g_in, g_out = level * _db(-rng.uniform(15.0, 30.0)), level
+            g_in, g_out = level * db_gain(-rng.uniform(15.0, 30.0)), level
         e = (env["inhale"] + env["exhale"])[:, None]
         air = bank["breath_air"][o : o + n] * g_out
         air += bank["breath_hiss"][o : o + n] * (hiss * g_out)
@@ -355,17 +386,11 @@ class Synthetic(Source):
         wave[0] += (body.reshape(-1, _ENV_HOP) * e).reshape(-1)
         wave[1] += (air.reshape(-1, _ENV_HOP) * e).reshape(-1)
 
-    def _add_snore(
-        self,
-        rng: _Rng,
-        wave: np.ndarray,
-        env: dict[str, np.ndarray],
-        level: float,
-        wearer: bool,
-    ) -> float:
+    def _add_snore(self, rng: Rng, wave: np.ndarray, sound: Sound) -> float:
         """Add a jittered glottal pulse train through formant resonators; return its f0."""
+        level, env = sound.level, sound.envelopes
         sr = self.sample_rate
-        n = self._n_pad
+        n = self.padded_samples
         f0 = rng.uniform(30.0, 120.0)
         t0 = sr / f0
         width = max(4, int(rng.uniform(0.4, 0.7) * t0))
@@ -385,14 +410,14 @@ class Synthetic(Source):
         formants[ring - fade : ring] *= np.linspace(1.0, 0.0, fade)
         formants /= np.sqrt(np.sum(formants**2))
         glottal /= np.sqrt(np.sum(glottal**2))
-        if wearer:  # in the ear the pulse is body-conducted (its fundamental dominates)
+        if sound.wearer:  # in the ear the pulse is body-conducted (its fundamental dominates)
             k_in = glottal + formants * rng.uniform(0.05, 0.3)
             k_out = glottal * rng.uniform(0.1, 0.5) + formants
-            g_in, g_out = level, level * _db(-rng.uniform(0.0, 10.0))
+            g_in, g_out = level, level * db_gain(-rng.uniform(0.0, 10.0))
         else:  # occluded: only the low pulse reaches the ear, far weaker
             k_in = glottal
             k_out = glottal * rng.uniform(0.1, 0.5) + formants
-            g_in, g_out = level * _db(-rng.uniform(15.0, 30.0)), level
+            g_in, g_out = level * db_gain(-rng.uniform(15.0, 30.0)), level
         # Pulse times with jitter; amplitudes follow the inhale envelope with shimmer.
         count = int(n / t0) + 3
         jitter = rng.uniform(0.02, 0.1)
@@ -414,15 +439,9 @@ class Synthetic(Source):
                 wave[ch] += np.bincount(idx, weights=w, minlength=size)[klen : klen + n]
         return float(f0)
 
-    def _add_cough(
-        self,
-        rng: _Rng,
-        bank: dict[str, np.ndarray],
-        wave: np.ndarray,
-        level: float,
-    ) -> None:
+    def _add_cough(self, rng: Rng, bank: Banks, wave: np.ndarray, level: float) -> None:
         """Add one or two explosive noise bursts (the partner's cough)."""
-        t = self._t_env
+        t = self.envelope_times
         env = np.zeros_like(t)
         onset = rng.uniform(-0.1, 0.7)
         for _ in range(1 + int(rng.random() < 0.4)):
@@ -432,9 +451,9 @@ class Synthetic(Source):
             fall = np.exp(-np.maximum(u - attack, 0.0) / decay)
             env += np.where(u < attack, rise, fall) * rng.uniform(0.5, 1.0)
             onset += rng.uniform(0.25, 0.45)
-        n = self._n_pad
-        o = int(rng.integers(1 << _BANK_LOG2))
-        g_in = level * _db(-rng.uniform(15.0, 30.0))
+        n = self.padded_samples
+        o = int(rng.integers(BANK_SAMPLES))
+        g_in = level * db_gain(-rng.uniform(15.0, 30.0))
         e = env.astype(np.float32)[:, None]
         air = bank["breath_air"][o : o + n] + bank["breath_hiss"][o : o + n]
         air *= level
@@ -477,9 +496,25 @@ class _Draws:
         return self.rng.standard_normal(size)
 
 
-#: What the clip primitives draw from: a clip's :class:`_Draws`, or any NumPy
-#: Generator (``data.sources.night`` drives the primitives with its own).
-_Rng = _Draws | np.random.Generator
+#: What the sound primitives draw from: a clip's own draws, or any NumPy Generator
+#: (:mod:`util.night.generate` drives them with its own).
+Rng = _Draws | np.random.Generator
+
+
+def breath_envelopes(
+    phase: np.ndarray, inhale_share: float, exhale_share: float, exhale_gain: float
+) -> Envelopes:
+    """Inhale and exhale envelopes at breathing-cycle ``phase`` (in ``[0, 1)``, float32 out).
+
+    Args:
+        phase: position in the breathing cycle at each envelope step.
+        inhale_share: the part of a cycle spent inhaling (from phase 0).
+        exhale_share: the part spent exhaling, right after the inhale (then a pause).
+        exhale_gain: loudness of the exhale relative to the inhale.
+    """
+    inhale = _bump(phase / inhale_share)
+    exhale = _bump((phase - inhale_share) / exhale_share) * exhale_gain
+    return {"inhale": inhale.astype(np.float32), "exhale": exhale.astype(np.float32)}
 
 
 def _bump(x: np.ndarray) -> np.ndarray:
@@ -489,258 +524,6 @@ def _bump(x: np.ndarray) -> np.ndarray:
     return y * y
 
 
-def _db(db: float) -> float:
+def db_gain(db: float) -> float:
     """Amplitude gain of ``db`` decibels."""
     return 10.0 ** (db / 20.0)
-
-
-class MalformedMember(NamedTuple):
-    """One deliberately bad member that ``write_dreamcatcher_archive(malformed=True)`` adds.
-
-    Attributes:
-        label: the label folder the member sits in.
-        source_reason: the :class:`SkippedClip` reason DreamCatcher gives it, or
-            ``None`` when it is yielded as a :class:`Clip`.
-        cache_reason: the :func:`data.audio.check_waveform` reason the cache gives
-            the yielded clip, or ``None`` when it is kept.
-        repair: the :data:`data.audio.REPAIRS` entry applied when kept, if any.
-    """
-
-    label: str
-    source_reason: str | None
-    cache_reason: str | None
-    repair: str | None
-
-
-#: The bad members added to *each* split's tarball with ``malformed=True``, by key;
-#: member ``key`` is named ``malformed_<key>_<split>.wav`` (see
-#: :func:`malformed_member_name`). Per split: 5 skipped by the source (corrupt 1,
-#: unsafe_path 2, unknown_label 1, wrong_split 1), 6 yielded as clips, of which the
-#: cache skips 4 (empty, nan, too_short, bad_shape) and keeps 2 (a mono breathe
-#: clip, duplicated to two channels, and a 22.05 kHz quiet clip, resampled).
-MALFORMED_MEMBERS: dict[str, MalformedMember] = {
-    "corrupt": MalformedMember("snore", "corrupt", None, None),
-    "empty": MalformedMember("quiet", None, "empty", None),
-    "nan": MalformedMember("breathe", None, "nan", None),
-    "too_short": MalformedMember("quiet", None, "too_short", None),
-    "three_channel": MalformedMember("snore", None, "bad_shape", None),
-    "mono": MalformedMember("breathe", None, None, "mono"),
-    "rate_22050": MalformedMember("quiet", None, None, "resampled"),
-    "dotdot": MalformedMember("snore", "unsafe_path", None, None),
-    "absolute": MalformedMember("quiet", "unsafe_path", None, None),
-    "unknown_label": MalformedMember("gurgle", "unknown_label", None, None),
-    "wrong_split": MalformedMember("quiet", "wrong_split", None, None),
-}
-
-
-def malformed_member_name(key: str, split: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Archive path of the bad member ``key`` in ``split``'s tarball."""
-    label = MALFORMED_MEMBERS[key].label
-    stem = f"malformed_{key}_{split}.wav"
-    if key == "dotdot":
-        return f"{prefix}/../data/{split}/{label}/{stem}"
-    if key == "absolute":
-        return f"/{prefix}/data/{split}/{label}/{stem}"
-    if key == "wrong_split":
-        other = SPLITS[(SPLITS.index(split) + 1) % len(SPLITS)] if split in SPLITS else "train"
-        return f"{prefix}/data/{other}/{label}/{stem}"
-    return f"{prefix}/data/{split}/{label}/{stem}"
-
-
-def _wav_bytes(wave: np.ndarray, sample_rate: int, subtype: str) -> bytes:
-    """WAV bytes of ``(channels, samples)``, equal for equal input on every platform.
-
-    ``PCM_16`` is encoded here (a canonical 44-byte header and ``round(x * 32768)``,
-    which soundfile decodes back within half a step): about ten times faster than
-    soundfile's writer, whose file-like output goes through Python callbacks.
-    Other subtypes go through soundfile, less libsndfile's time-stamped PEAK chunk.
-    """
-    if subtype == "PCM_16":
-        channels = wave.shape[0]
-        scaled = wave * np.float32(32768.0)
-        np.rint(scaled, out=scaled)
-        np.clip(scaled, -32768, 32767, out=scaled)
-        planar = scaled.astype("<i2")
-        frames = np.empty((wave.shape[1], channels), dtype="<i2")
-        for channel in range(channels):  # interleave; faster than a strided tobytes()
-            frames[:, channel] = planar[channel]
-        data = frames.tobytes()
-        fmt = struct.pack(
-            "<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16
-        )
-        header = b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data))
-        return b"RIFF" + struct.pack("<I", len(header) + len(data)) + header + data
-    buf = io.BytesIO()
-    sf.write(buf, np.ascontiguousarray(wave.T), sample_rate, subtype=subtype, format="WAV")
-    data = buf.getvalue()
-    chunks, pos = [], 12
-    while pos + 8 <= len(data):
-        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        end = pos + 8 + size + (size & 1)
-        if data[pos : pos + 4] != b"PEAK":
-            chunks.append(data[pos:end])
-        pos = end
-    body = b"WAVE" + b"".join(chunks)
-    return b"RIFF" + len(body).to_bytes(4, "little") + body
-
-
-def _malformed_payloads(source: Synthetic, split: str, subtype: str) -> dict[str, bytes]:
-    sr = source.sample_rate
-    base = source.synthesize(split, 0).waveform
-    short = base[:, : int(0.1 * sr)]
-    nan_wave = base.copy()
-    nan_wave[:, 100:200] = np.nan
-    valid = _wav_bytes(base, sr, subtype)
-    return {
-        "corrupt": b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4,
-        "empty": _wav_bytes(np.zeros((2, 0), np.float32), sr, subtype),
-        "nan": _wav_bytes(nan_wave, sr, "FLOAT"),
-        "too_short": _wav_bytes(short, sr, subtype),
-        "three_channel": _wav_bytes(np.concatenate([base, base[:1]]), sr, subtype),
-        "mono": _wav_bytes(base[:1], sr, subtype),
-        "rate_22050": _wav_bytes(resample(base, sr, 22050), 22050, subtype),
-        "dotdot": valid,
-        "absolute": valid,
-        "unknown_label": valid,
-        "wrong_split": valid,
-    }
-
-
-def write_dreamcatcher_archive(
-    root: str | os.PathLike[str],
-    source: Synthetic,
-    splits: Sequence[str] = SPLITS,
-    prefix: str = DEFAULT_PREFIX,
-    malformed: bool = False,
-    subtype: str = "PCM_16",
-    compresslevel: int = 0,
-) -> Path:
-    """Write ``source`` as DreamCatcher tarballs ``root/data/{split}.tar.gz``.
-
-    Every clip becomes ``<prefix>/data/<split>/<label>/<clip_name>.wav``. The
-    tarballs are byte-for-byte reproducible (fixed member and gzip times) and each
-    is written under a temporary name and renamed when complete.
-
-    The gzip level defaults to 0 (stored): synthetic noise shrinks by only a third
-    at level 1, while deflating and inflating it would dominate writing and reading
-    (on a 2.5 GHz Xeon core zlib deflates about 500 and inflates about 1,700 such
-    clips per second). Pass 1-9 to measure reading at the real archives' cost.
-
-    Args:
-        root: folder to write into (``DreamCatcher(root=root)`` reads it back).
-        source: the synthetic corpus to write; its labels must be DreamCatcher's.
-        splits: splits to write.
-        prefix: path prefix of every member, like the real archive's long one.
-        malformed: also add each entry of :data:`MALFORMED_MEMBERS` to every split,
-            in the middle of the stream.
-        subtype: soundfile subtype of the regular clips (``PCM_16``, ``FLOAT``...).
-        compresslevel: gzip level, 0 (stored, fastest) to 9.
-
-    Returns:
-        ``root`` as a :class:`~pathlib.Path`.
-    """
-    bad = [label for label in source.labels if label not in DREAMCATCHER_LABELS]
-    if bad:
-        raise ValueError(f"labels {bad} are not DreamCatcher labels {DREAMCATCHER_LABELS}")
-    prefix = prefix.strip("/")
-    out = Path(root) / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    for split in splits:
-        count = source.size_hint(split) or 0
-        extras: list[tuple[str, bytes]] = []
-        if malformed:
-            payloads = _malformed_payloads(source, split, subtype)
-            extras = [(malformed_member_name(k, split, prefix), payloads[k]) for k in payloads]
-        final = out / f"{split}.tar.gz"
-        tmp = out / f".{split}.tar.gz.tmp"
-        with (
-            GzipDeflater(tmp, level=compresslevel) as gz,
-            tarfile.open(fileobj=gz, mode="w|", format=tarfile.GNU_FORMAT) as tar,
-        ):
-            for index in range(count):
-                if index == count // 2:
-                    for name, payload in extras:
-                        _add_member(tar, name, payload)
-                clip = source.synthesize(split, index)
-                name = f"{prefix}/data/{split}/{clip.label}/{source.clip_name(split, index)}.wav"
-                _add_member(tar, name, _wav_bytes(clip.waveform, clip.sample_rate, subtype))
-            if count == 0:
-                for name, payload in extras:
-                    _add_member(tar, name, payload)
-        os.replace(tmp, final)
-    return Path(root)
-
-
-class GzipDeflater(io.RawIOBase):
-    """A write-only gzip file whose compression runs in a background thread.
-
-    zlib releases the GIL while it deflates, so compressing overlaps generating and
-    encoding the next clips. The gzip header carries no name and time 0, so equal
-    input gives equal bytes.
-
-    Args:
-        path: file to create.
-        level: zlib compression level, 0 (stored) to 9.
-        chunk: bytes gathered before handing them to the compressing thread.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], level: int = 0, chunk: int = 1 << 20) -> None:
-        super().__init__()
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._chunk = chunk
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="gzip-deflater", daemon=True)
-        self._thread.start()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        if self._error is not None:
-            raise self._error
-        block = bytes(data)
-        self._pending.append(block)
-        self._pending_size += len(block)
-        if self._pending_size >= self._chunk:
-            self._flush_pending()
-        return len(block)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._flush_pending()
-            self._queue.put(None)
-            self._thread.join()
-        finally:
-            self._file.close()
-            super().close()
-        if self._error is not None:
-            raise self._error
-
-    def _flush_pending(self) -> None:
-        if self._pending:
-            self._queue.put(b"".join(self._pending))
-            self._pending, self._pending_size = [], 0
-
-    def _run(self) -> None:
-        try:
-            while (block := self._queue.get()) is not None:
-                self._file.write(self._deflate.compress(block))
-            self._file.write(self._deflate.flush())
-        except BaseException as err:  # raised in the writing thread by write() or close()
-            self._error = err
-            while self._queue.get() is not None:  # unblock the writer until it closes
-                pass
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 1_700_000_000
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(payload))

@@ -59,6 +59,7 @@ class CRNN(Backbone):
         self.head = nn.Linear(rnn_hidden, num_classes)
 
     trunk = TinyCNN.trunk
+    after_block = TinyCNN.after_block
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, maps = self.trunk(x, last_pool=False)

@@ -47,11 +47,15 @@ class TinyCNN(Backbone):
         """Run the conv blocks; return the final map and each block's pre-pool map."""
         maps = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = self.after_block(i, block(x))
             maps.append(x)
             if last_pool or i < len(self.blocks) - 1:
                 x = self.pool(x)
         return x, maps
+
+    def after_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """What follows conv block ``index`` before its pooling (nothing here; CBAM's hook)."""
+        return x
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, maps = self.trunk(x)

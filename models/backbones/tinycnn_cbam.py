@@ -41,15 +41,6 @@ class TinyCNNCBAM(TinyCNN):
             raise ValueError("TinyCNNCBAM needs at least two conv blocks")
         self.cbam = CBAM(list(channels)[1], reduction, kernel_size, mode)
 
-    def trunk(
-        self, x: torch.Tensor, last_pool: bool = True
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        maps = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i == 1:
-                x = self.cbam(x)
-            maps.append(x)
-            if last_pool or i < len(self.blocks) - 1:
-                x = self.pool(x)
-        return x, maps
+    def after_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Attention after the second block."""
+        return self.cbam(x) if index == 1 else x

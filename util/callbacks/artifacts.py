@@ -40,7 +40,8 @@ from filelock import FileLock
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from models.classifier import checkpoint_validation_score
+from data.system import usable_cpus
+from models.task import MONITOR, Reports, checkpoint_validation_score
 from util.complexity import profile
 from util.cpu import cpu_model
 from util.redact import mask_secrets, mask_text
@@ -49,7 +50,7 @@ __all__ = [
     "LEADERBOARD_COLUMNS",
     "RunArtifacts",
     "append_leaderboard_row",
-    "class_metrics_from_confusion",
+    "class_metrics",
     "environment_info",
     "git_info",
     "mask_secrets",
@@ -76,8 +77,8 @@ LEADERBOARD_COLUMNS = (
     "gap_closed",
     "config",
 )
+PER_CLASS = ("precision", "recall", "f1")
 KD_COLUMNS = ("teacher", "alpha", "temperature", "beta", "compression_ratio", "gap_closed")
-BEST_MONITOR = "val/f1_macro"
 
 # Environment variables worth recording (prefixes and exact names); secrets among them are masked.
 ENV_PREFIXES = (
@@ -128,10 +129,6 @@ def environment_info(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         if name.startswith(ENV_PREFIXES) or name in ENV_NAMES
     }
     cuda = torch.cuda.is_available()
-    try:
-        usable_cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable_cpus = os.cpu_count()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -149,7 +146,7 @@ def environment_info(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         },
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_usable": usable_cpus,
+        "cpu_usable": usable_cpus(),
         "env": mask_secrets(selected),
     }
 
@@ -186,41 +183,29 @@ def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
         return {"commit": None, "branch": None, "dirty": None, "error": reason.strip()}
 
 
-def class_metrics_from_confusion(
-    confusion: torch.Tensor, class_names: Sequence[str]
+def class_metrics(
+    metrics: Mapping[str, Any], confusion: torch.Tensor, class_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Per-class precision, recall, F1 and support from a confusion matrix.
-
-    A ratio with an empty denominator is 0 (as torchmetrics does by default).
+    """Per-class precision, recall, F1 (as torchmetrics logged them) and support.
 
     Args:
-        confusion: ``(K, K)`` counts, rows = true class, columns = predicted class.
+        metrics: the logged ``test/precision/<class>``, ``test/recall/<class>`` and
+            ``test/f1/<class>`` values (``trainer.callback_metrics``).
+        confusion: ``(K, K)`` test counts, rows = true class: the support of each class.
         class_names: the ``K`` class names, in index order.
 
     Returns:
         One dict per class: ``class``, ``precision``, ``recall``, ``f1``, ``support``.
     """
-    counts = confusion.detach().cpu().to(torch.float64)
-    rows = []
-    for k, name in enumerate(class_names):
-        hit, predicted, support = (
-            counts[k, k].item(),
-            counts[:, k].sum().item(),
-            counts[k].sum().item(),
-        )
-        precision = hit / predicted if predicted else 0.0
-        recall = hit / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append(
-            {
-                "class": name,
-                "precision": precision,
-                "recall": recall,
-                "f1": f1,
-                "support": int(support),
-            }
-        )
-    return rows
+    support = confusion.detach().cpu().sum(dim=1).tolist()
+    return [
+        {
+            "class": name,
+            **{kind: _scalar(metrics.get(f"test/{kind}/{name}")) for kind in PER_CLASS},
+            "support": int(support[k]),
+        }
+        for k, name in enumerate(class_names)
+    ]
 
 
 def _lock(path: Path) -> FileLock:
@@ -459,15 +444,16 @@ class RunArtifacts(Callback):
                 True,
             ),
         )
-        confusion = getattr(pl_module, "confusion", {}).get("test")
+        task = pl_module if isinstance(pl_module, Reports) else None
+        confusion = task.confusion.get("test") if task is not None else None
         if confusion is not None:
-            rows = class_metrics_from_confusion(confusion, pl_module.class_names)
+            rows = class_metrics(trainer.callback_metrics, confusion, task.class_names)
             columns = ["class", "precision", "recall", "f1", "support"]
             _write_atomic(
                 self._log_dir / "class_metrics.csv", _csv_text(columns, rows, header=True)
             )
-        predictions = getattr(pl_module, "test_predictions", None)
-        if predictions:  # the module may start with an empty dict
+        predictions = task.test_predictions if task is not None else None
+        if predictions:  # empty before a test epoch
             self._write_predictions(predictions, pl_module.class_names)
         self._write_summary(trainer, pl_module, tested=True)
 
@@ -497,16 +483,12 @@ class RunArtifacts(Callback):
                 writer.writerow([i, t, p, *(f"{v:.7g}" for v in row)])
 
     def _best(self, trainer: pl.Trainer) -> dict[str, Any]:
-        history = [
-            (r["epoch"], r[BEST_MONITOR])
-            for r in self._epoch_rows
-            if r.get(BEST_MONITOR) is not None
-        ]
+        history = [(r["epoch"], r[MONITOR]) for r in self._epoch_rows if r.get(MONITOR) is not None]
         score, path = None, None
         for cb in trainer.checkpoint_callbacks:
             if (
                 isinstance(cb, ModelCheckpoint)
-                and cb.monitor == BEST_MONITOR
+                and cb.monitor == MONITOR
                 and cb.best_model_score is not None
             ):
                 score, path = _scalar(cb.best_model_score), cb.best_model_path or None
@@ -524,7 +506,7 @@ class RunArtifacts(Callback):
         return {"best_val_f1_macro": score, "best_epoch": epoch, "best_model_path": path}
 
     def _complexity_of(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        measured = getattr(pl_module, "complexity", None)
+        measured = pl_module.complexity if isinstance(pl_module, Reports) else None
         if measured is not None:
             return dict(measured)
         if self._complexity is None:
@@ -553,8 +535,7 @@ class RunArtifacts(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tested: bool
     ) -> None:
         seed = os.environ.get("PL_GLOBAL_SEED")
-        extras_fn = getattr(pl_module, "leaderboard_extras", None)
-        extras = dict(extras_fn()) if callable(extras_fn) else {}
+        extras = dict(pl_module.run_summary()) if isinstance(pl_module, Reports) else {}
         test = _scalars(trainer.callback_metrics, "test/") if tested else {}
         complexity = self._complexity_of(pl_module)
         summary = {

@@ -13,6 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from models.task import Reports
+
 __all__ = ["ConfusionMatrixLogger", "confusion_figure", "write_confusion_csv"]
 
 
@@ -110,7 +112,9 @@ class ConfusionMatrixLogger(Callback):
     def _log_figure(
         trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> torch.Tensor | None:
-        confusion = getattr(pl_module, "confusion", {}).get(stage)
+        if not isinstance(pl_module, Reports):
+            return None
+        confusion = pl_module.confusion.get(stage)
         if confusion is None:
             return None
         for logger in trainer.loggers:

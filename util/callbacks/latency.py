@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from models.task import Reports
 from util.complexity import profile
 
 __all__ = ["LatencyProfiler"]
@@ -46,7 +47,7 @@ class LatencyProfiler(Callback):
         self._profile(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, "complexity", None) is None:
+        if isinstance(pl_module, Reports) and pl_module.complexity is None:
             self._profile(trainer, pl_module)
 
     def _profile(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,7 +63,8 @@ class LatencyProfiler(Callback):
         numbers = profile(
             backbone, tuple(example.shape[1:]), runs=runs, warmup=warmup, threads=self.threads
         )
-        pl_module.complexity = numbers
+        if isinstance(pl_module, Reports):
+            pl_module.complexity = numbers
         metrics = {
             "complexity/params": numbers["params"],
             "complexity/macs": numbers["macs"],

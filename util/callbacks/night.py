@@ -17,21 +17,22 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from data.malloc import keep_heap_flat
-from util.night import (
-    PerClass,
+from util.night.events import (
+    PostProcessing,
     detect_events,
     median_filter,
-    model_identity,
-    plot_timeline,
-    post_processing,
-    summarize,
     window_bounds,
     write_events_csv,
 )
+from util.night.plot import plot_timeline
+from util.night.summary import model_identity, summarize
 
 __all__ = ["NightWriter"]
 
 log = logging.getLogger(__name__)
+
+#: What the writer does unless told otherwise (frozen, so one instance serves every writer).
+DEFAULT_POSTPROCESSING = PostProcessing()
 
 #: Columns of ``recordings.csv``, one row per recording of the run.
 INDEX_COLUMNS = (
@@ -84,11 +85,11 @@ class _Open:
 class NightWriter(BasePredictionWriter):
     """Turn per-window probabilities of long recordings into events, a summary and a plot.
 
-    Acts only on batches from :class:`data.recording.RecordingWindows` (dicts with a
+    Acts only on batches from :class:`data.recordings.RecordingWindows` (dicts with a
     ``recording`` key); any other prediction (the cached test split) passes
     untouched. Window probabilities are gathered per recording (one at a time per
     data worker) and, when a recording's last window arrives, post-processed as
-    described in :mod:`util.night` and written to ``<output_dir>/<stem>/``:
+    described in :mod:`util.night.events` and written to ``<output_dir>/<stem>/``:
 
     * ``events.csv``: ``start_s,end_s,label,mean_prob``;
     * ``summary.json``: length, minutes per class, snore episodes and episodes per
@@ -102,27 +103,17 @@ class NightWriter(BasePredictionWriter):
     read (unreadable, zero-length, truncated, too short, too many channels), with
     the reason; a failure is also logged and never stops the other recordings.
 
-    Options that take a number per class accept either one number for every class
-    or a mapping such as ``{snore: 10.0, default: 3.0}``.
+    What the writer reads from the model: ``class_names`` (the column of each
+    probability) and ``backbone`` (its class name goes into the summary), the
+    documented attributes of every earsleep task.
 
     Args:
         output_dir: folder for the per-recording folders (created when needed).
-        median_windows: running-median length in windows (odd; 1 turns it off). At
-            the default 0.5 s hop, 3 windows smooth over 1.5 s; longer medians erase
-            snoring that comes only on inhalations.
-        on_threshold: probability that starts an event (hysteresis "on").
-        off_threshold: probability an event stays above (hysteresis "off").
-        min_duration_s: events shorter than this, after merging, are dropped.
-        merge_gap_s: events of one class closer than this are merged; snoring
-            comes once per breath (and a weak model misses some breaths), so a gap
-            of a few breaths keeps a bout whole.
-        background: classes that never make events (their time is the rest).
-        exclusive: one event at a time: where events of two classes overlap, the
-            class first in ``priority`` keeps the time and the other is cut there
-            (snoring is breathing too; without this a snore bout's exhalations
-            make breathing events across it).
-        priority: classes that win overlaps, first first; the others follow in
-            class order.
+        postprocessing: how probabilities become events (median, hysteresis
+            thresholds, merging, minimum duration, one event at a time), see
+            :class:`util.night.PostProcessing`; the thresholds take one number or
+            one per class (``--night.postprocessing.min_duration_s "{snore: 5.0,
+            default: 3.0}"``).
         snore_label: the class whose episodes the summary counts.
         plot: write ``timeline.png``.
         plot_points: most time bins in the plot (the night is averaged into them).
@@ -131,30 +122,14 @@ class NightWriter(BasePredictionWriter):
     def __init__(
         self,
         output_dir: str = "predictions",
-        median_windows: int = 3,
-        on_threshold: PerClass = 0.6,
-        off_threshold: PerClass = 0.4,
-        min_duration_s: PerClass = 3.0,
-        merge_gap_s: PerClass = 20.0,
-        background: Sequence[str] = ("quiet",),
-        exclusive: bool = True,
-        priority: Sequence[str] = ("snore",),
+        postprocessing: PostProcessing = DEFAULT_POSTPROCESSING,
         snore_label: str = "snore",
         plot: bool = True,
         plot_points: int = 1600,
     ) -> None:
         super().__init__(write_interval="batch")
-        if median_windows < 1 or median_windows % 2 == 0:
-            raise ValueError(f"median_windows must be a positive odd number, got {median_windows}")
         self.output_dir = Path(output_dir)
-        self.median_windows = int(median_windows)
-        self.on_threshold = on_threshold
-        self.off_threshold = off_threshold
-        self.min_duration_s = min_duration_s
-        self.merge_gap_s = merge_gap_s
-        self.background = tuple(background)
-        self.exclusive = bool(exclusive)
-        self.priority = tuple(priority)
+        self.postprocessing = postprocessing
         self.snore_label = snore_label
         self.plot = plot
         self.plot_points = int(plot_points)
@@ -174,17 +149,8 @@ class NightWriter(BasePredictionWriter):
         # The model's process: hours of batches must not grow the heap. Where the features
         # are computed too (no DataLoader workers), RecordingWindows raises it to 8 MB.
         keep_heap_flat(1 << 20)
-        names = list(getattr(pl_module, "class_names", []) or [])
-        for label in names:  # fail before hours of inference, not after
-            if label not in self.background:
-                post_processing(
-                    label,
-                    names,
-                    self.on_threshold,
-                    self.off_threshold,
-                    self.min_duration_s,
-                    self.merge_gap_s,
-                )
+        # Fail before hours of inference, not after.
+        self.postprocessing.check(pl_module.class_names)
 
     def write_on_batch_end(
         self,
@@ -243,7 +209,8 @@ class NightWriter(BasePredictionWriter):
         info = rec.info
         status = info.get("status", "ok")
         message = info.get("error")
-        class_names = list(getattr(pl_module, "class_names", []) or [])
+        class_names = list(pl_module.class_names)
+        pp = self.postprocessing
         row: dict[str, Any] = dict.fromkeys(INDEX_COLUMNS, "")
         row.update(recording=key, status=status, message=message or "")
         if message:
@@ -261,30 +228,15 @@ class NightWriter(BasePredictionWriter):
         window_s = float(info.get("window_s", 1.0))
         duration_s = float(info.get("duration_s", len(probs) * hop_s))
         bounds = window_bounds(len(probs), hop_s, window_s, duration_s)
-        smoothed = median_filter(probs, self.median_windows)
-        events = detect_events(
-            probs,
-            class_names,
-            bounds,
-            self.median_windows,
-            self.on_threshold,
-            self.off_threshold,
-            self.min_duration_s,
-            self.merge_gap_s,
-            self.background,
-            smoothed=smoothed,
-            exclusive=self.exclusive,
-            priority=self.priority,
-        )
+        smoothed = median_filter(probs, pp.median_windows)
+        events = detect_events(probs, class_names, bounds, pp, smoothed=smoothed)
         if self._identity is None:
             self._identity = model_identity(
                 pl_module, trainer.ckpt_path, info.get("feature_config_hash")
             )
         out = self._folder(key)
         out.mkdir(parents=True, exist_ok=True)
-        numbers = summarize(
-            events, smoothed, class_names, bounds, duration_s, self.snore_label, self.background
-        )
+        numbers = summarize(events, smoothed, class_names, bounds, duration_s, pp, self.snore_label)
         summary = {
             "recording": key,
             "status": status,
@@ -305,7 +257,6 @@ class NightWriter(BasePredictionWriter):
                 )
             },
             "model": {**self._identity, "feature_config": info.get("feature_config")},
-            "postprocessing": self._params(class_names),
             "files": {"events": "events.csv", "summary": "summary.json", "timeline": None},
         }
         write_events_csv(events, out / "events.csv")
@@ -325,7 +276,7 @@ class NightWriter(BasePredictionWriter):
                 events,
                 class_names,
                 title=title,
-                background=self.background,
+                background=pp.background,
                 max_points=self.plot_points,
             )
             summary["files"]["timeline"] = "timeline.png"
@@ -357,29 +308,6 @@ class NightWriter(BasePredictionWriter):
             name = f"{stem}-{i}"
         self._stems.add(name)
         return self.output_dir / name
-
-    def _params(self, class_names: Sequence[str]) -> dict[str, Any]:
-        per_class = {
-            label: vars(
-                post_processing(
-                    label,
-                    class_names,
-                    self.on_threshold,
-                    self.off_threshold,
-                    self.min_duration_s,
-                    self.merge_gap_s,
-                )
-            )
-            for label in class_names
-            if label not in self.background
-        }
-        return {
-            "median_windows": self.median_windows,
-            "background": list(self.background),
-            "exclusive": self.exclusive,
-            "priority": list(self.priority),
-            "per_class": per_class,
-        }
 
 
 def _hours(seconds: float) -> str:

@@ -1,6 +1,6 @@
 """A synthetic night: hours of two-channel sleep sounds in a sleep-cycle-like order, with its truth.
 
-``python -m data.sources.night --hours 8 --out night.wav --seed 0`` writes the
+``python -m util.night.generate --hours 8 --out night.wav --seed 0`` writes the
 recording block by block (never whole in memory) and ``night.csv`` beside it, the
 ground-truth events ``start_s,end_s,label,kind,snr_db``.
 
@@ -13,25 +13,24 @@ and the bed partner's sounds (``non_wearer``: their snoring 2-10 min, breathing
 whole seconds. ``scale`` multiplies every duration, so a few minutes of test night
 can hold the whole variety.
 
-**The sound** reuses the clip primitives of :class:`data.sources.synthetic.Synthetic`
-(its noise banks, breathing, snoring and cough generators), so a model trained on
-that corpus hears the same sounds here. What the night adds is continuity: one
-room for the whole night (level drifting slowly within ±3 dB around a level drawn
-in the corpus's range; its noise colour drawn like the corpus's but with less white
-noise, since bedrooms hum more than they hiss), a breathing rhythm whose phase
-runs on across seconds, and a signal-to-noise ratio per segment (5-20 dB, inside
-the corpus's -10..25 dB).
-Each second of an event is rendered by the primitives with its own draws (voice,
+**The sound** reuses the public sound primitives of the synthetic corpus
+(:meth:`data.sources.synthetic.Synthetic.add_sound`, its noise banks and breathing
+envelopes), so a model trained on that corpus hears the same sounds here. What the night
+adds is continuity: one room for the whole night (level drifting slowly within ±3 dB
+around a level drawn in the corpus's range; its noise colour drawn like the corpus's but
+with less white noise, since bedrooms hum more than they hiss), a breathing rhythm whose
+phase runs on across seconds, and a signal-to-noise ratio per segment (5-20 dB, inside
+the corpus's -10..25 dB). Each second of an event is rendered by the primitives with its own draws (voice,
 channel gains) like one training clip and joined to the next with a 64 ms
 equal-power crossfade.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +38,17 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from jsonargparse import ArgumentError, ArgumentParser
 
-from data.sources.synthetic import Synthetic, _bump, _db
+from data.sources.synthetic import (
+    BANK_SAMPLES,
+    Envelopes,
+    Sound,
+    Synthetic,
+    breath_envelopes,
+    db_gain,
+)
+from util.errors import condense
 
 #: Labels of the night (those of the synthetic corpus) and their kinds.
 KINDS: dict[str, str] = {
@@ -175,7 +183,7 @@ def write_truth_csv(segments: Sequence[Segment], path: str | os.PathLike[str]) -
 
 
 class _Voices:
-    """The synthetic corpus's generators, driven second by second with the night's envelopes."""
+    """The synthetic corpus's sounds, driven second by second with the night's envelopes."""
 
     def __init__(self, seed: int, sample_rate: int) -> None:
         self.sr = sample_rate
@@ -185,32 +193,20 @@ class _Voices:
             seed=seed, sample_rate=sample_rate, duration_s=(sample_rate + self.fade) / sample_rate
         )
         self.n = sample_rate + self.fade
-        self.bank = self.syn._bank("night")
+        self.bank = self.syn.noise_banks("night")
         ramp = np.sin(0.5 * np.pi * (np.arange(self.fade) + 0.5) / self.fade).astype(np.float32)
         self.window = np.ones(self.n, np.float32)
         self.window[: self.fade] = ramp  # equal-power: sin² + cos² = 1 across the overlap
         self.window[-self.fade :] = ramp[::-1]
 
     def render(
-        self, rng: np.random.Generator, kind: str, env: dict[str, np.ndarray], level: float
+        self, rng: np.random.Generator, kind: str, env: Envelopes, level: float
     ) -> np.ndarray:
-        """One second (+ fade) of ``kind`` at ``level`` (RMS over the outer mic), windowed."""
-        syn = self.syn
-        wave = np.zeros((2, syn._n_pad), np.float32)
-        if kind == "breath":
-            syn._add_breath(rng, self.bank, wave, env, level, wearer=True)
-        elif kind == "snore":
-            syn._add_snore(rng, wave, env, level, wearer=True)
-            syn._add_breath(rng, self.bank, wave, env, level * _db(-rng.uniform(6.0, 20.0)), True)
-        elif kind == "partner_snore":
-            syn._add_snore(rng, wave, env, level, wearer=False)
-            syn._add_breath(rng, self.bank, wave, env, level * _db(-rng.uniform(6.0, 20.0)), False)
-        elif kind == "partner_breath":
-            syn._add_breath(rng, self.bank, wave, env, level, wearer=False)
-        elif kind == "partner_cough":
-            syn._add_cough(rng, self.bank, wave, level)
-        wave = wave[:, : self.n]
-        return wave * self.window
+        """One second (+ fade) of the night's ``kind`` at ``level``, windowed."""
+        wave = np.zeros((2, self.syn.padded_samples), np.float32)
+        sound = kind.removeprefix("partner_")
+        self.syn.add_sound(rng, wave, self.bank, Sound(sound, level, sound == kind, env))
+        return wave[:, : self.n] * self.window
 
 
 class _Breathing:
@@ -231,33 +227,31 @@ class _Breathing:
         cycles = self.rate * (t - 0.1 / w * (np.cos(w * t + self.drift) - np.cos(self.drift)))
         return (self.phase0 + cycles) % 1.0
 
-    def envelopes(self, second: int) -> dict[str, np.ndarray]:
+    def envelopes(self, second: int) -> Envelopes:
         phi = self.phase(second + self.t_env)
-        inhale = _bump(phi / self.p_in)
-        exhale = _bump((phi - self.p_in) / self.p_ex) * self.exhale_gain
-        return {"inhale": inhale.astype(np.float32), "exhale": exhale.astype(np.float32)}
+        return breath_envelopes(phi, self.p_in, self.p_ex, self.exhale_gain)
 
 
 class _Room:
     """One room for the whole night: noise banks read continuously, level drifting slowly."""
 
-    def __init__(self, rng: np.random.Generator, bank: dict[str, np.ndarray], span: int) -> None:
-        self.bank, self.span = bank, span
+    def __init__(self, rng: np.random.Generator, bank: dict[str, np.ndarray]) -> None:
+        self.bank = bank
         self.room_db = float(rng.uniform(-60.0, -45.0))
         self.drift = rng.uniform(0.0, 2 * np.pi)
         # White, pink, brown weights as the corpus draws them, with less white: a
         # bedroom hums (ventilation, traffic) more than it hisses.
         colour = rng.standard_exponential(3) * np.array([0.3, 1.0, 1.0])
         self.colour = colour / np.sqrt(np.sum(colour**2))
-        self.self_noise = float(_db(rng.uniform(-88.0, -78.0)))
+        self.self_noise = float(db_gain(rng.uniform(-88.0, -78.0)))
         self.occlusion_db = float(rng.uniform(6.0, 16.0))
         pb = rng.uniform(0.2, 1.0)
         self.inear_mix = np.array([pb, 1.0 - pb]) / math.hypot(pb, 1.0 - pb)
-        self.offsets = rng.integers(0, span, size=5)
+        self.offsets = rng.integers(0, BANK_SAMPLES, size=5)
 
     def level(self, t_s: np.ndarray | float) -> np.ndarray | float:
         """Outer-microphone room RMS at ``t_s`` seconds (±3 dB over 37 minutes)."""
-        return _db(self.room_db) * 10.0 ** (
+        return db_gain(self.room_db) * 10.0 ** (
             3.0 * np.sin(2 * np.pi * t_s / 2220.0 + self.drift) / 20.0
         )
 
@@ -266,11 +260,11 @@ class _Room:
 
         def read(i: int, kind: str) -> np.ndarray:
             """``n`` samples of a bank from the night's position, wrapping around its end."""
-            pos = int(self.offsets[i] + start) % self.span
-            bank = self.bank[kind][: self.span]
+            pos = int(self.offsets[i] + start) % BANK_SAMPLES
+            bank = self.bank[kind][:BANK_SAMPLES]
             pieces, left = [], n
             while left:
-                take = min(left, self.span - pos)
+                take = min(left, BANK_SAMPLES - pos)
                 pieces.append(bank[pos : pos + take])
                 pos, left = 0, left - take
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -283,7 +277,7 @@ class _Room:
         np.multiply(white, math.hypot(c[0], self.self_noise), out=out[1])
         out[1] += pink * c[1]
         out[1] += brown * c[2]
-        g_in = gain * _db(-self.occlusion_db)
+        g_in = gain * db_gain(-self.occlusion_db)
         np.multiply(read(3, "white"), self.self_noise, out=out[0])
         out[0] += read(4, "pink") * (g_in * float(self.inear_mix[0]))
         out[0] += brown * (g_in * float(self.inear_mix[1]))
@@ -321,10 +315,9 @@ def write_night(
     sr = int(sample_rate)
     voices = _Voices(seed, sr)
     rng_room = np.random.default_rng([seed, 202])
-    # The corpus appends each bank's first clip length to its end; the loop is the rest.
-    room = _Room(rng_room, voices.bank, len(voices.bank["white"]) - voices.syn._n_pad)
-    wearer = _Breathing(rng_room, voices.syn._t_env)
-    partner = _Breathing(rng_room, voices.syn._t_env)
+    room = _Room(rng_room, voices.bank)
+    wearer = _Breathing(rng_room, voices.syn.envelope_times)
+    partner = _Breathing(rng_room, voices.syn.envelope_times)
     label_at = np.empty(total, dtype=object)
     snr_at = np.zeros(total)
     for s in segments:
@@ -347,7 +340,7 @@ def write_night(
                 rng = np.random.default_rng([seed, 303, second])
                 breathing = partner if kind.startswith("partner") else wearer
                 snr = snr_at[second] + rng.uniform(-1.5, 1.5)
-                level = float(room.level(second + 0.5)) * _db(snr)
+                level = float(room.level(second + 0.5)) * db_gain(snr)
                 buf[:, i * sr : i * sr + voices.n] += voices.render(
                     rng, kind, breathing.envelopes(second), level
                 )
@@ -360,23 +353,26 @@ def write_night(
     return out, truth_path, segments
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m data.sources.night --hours 8 --out night.wav --seed 0``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hours", type=float, default=8.0, help="length of the night")
-    parser.add_argument("--out", default="night.wav", help="audio file (.wav or .flac)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the plan and the sound")
-    parser.add_argument(
-        "--scale", type=float, default=1.0, help="factor on segment durations (<1: denser night)"
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m util.night.generate --hours 8 --out night.wav --seed 0``; the exit status.
+
+    The options are :func:`write_night`'s arguments (jsonargparse, like ``main.py``:
+    ``--help`` shows each with its default); a bad option is one ``error:`` line.
+    """
+    parser = ArgumentParser(
+        prog="python -m util.night.generate",
+        description=__doc__.split("\n\n")[0],
+        exit_on_error=False,
     )
-    parser.add_argument("--sample_rate", type=int, default=16000, help="samples per second")
-    parser.add_argument("--subtype", default="PCM_16", help="soundfile subtype")
-    parser.add_argument("--truth", default=None, help="ground-truth CSV (default: OUT with .csv)")
-    args = parser.parse_args(argv)
+    parser.add_function_arguments(write_night, fail_untyped=True)
+    parser.set_defaults(out="night.wav")
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except ArgumentError as err:
+        print(f"error: {condense(str(err))} (options: {parser.prog} --help)", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    audio, truth, segments = write_night(
-        args.out, args.hours, args.seed, args.scale, args.sample_rate, args.subtype, args.truth
-    )
+    audio, truth, segments = write_night(**args.as_dict())
     events = truth_events(segments)
     minutes = {
         label: sum(e.end_s - e.start_s for e in events if e.label == label) / 60.0
@@ -388,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
         + f") in {time.perf_counter() - t0:.1f} s"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Long recordings (a whole night) read in blocks, never whole.
+
+A night at 16 kHz in two channels is about 1.8 GB as float32, so nothing here
+loads a recording whole: :func:`find_recordings` expands what the user named,
+:func:`probe` reads a header, :func:`read_blocks` reads the audio in blocks with
+soundfile and resamples block by block without seams (:class:`BlockResampler`).
+:class:`data.recordings.RecordingWindows` cuts the blocks into model windows.
+
+Input policy (the night writer reports each case; see the README, "Analyse a night"):
+
+* **Rate**: any rate is resampled to the front end's with torchaudio's
+  windowed-sinc filter, exactly as :func:`data.audio.resample` would do to the
+  whole file.
+* **Channels**: one channel into a two-channel (``stereo``) front end is
+  duplicated, with a warning. More than two channels is an error by default;
+  ``extra_channels="first_two"`` keeps channels 0 and 1 (in-ear, outer, the
+  DreamCatcher order) with a warning.
+* **Non-finite samples** (NaN, ±inf) are set to zero and counted; the night is not
+  thrown away for a glitch.
+* **Unreadable or zero-length** files are errors; **truncated** WAVs (the header
+  promises more data than the file holds) are read up to where the data ends; a read
+  error part-way ends the stream after the part read.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from data.audio import AUDIO_SUFFIXES
+from data.errors import first_line
+
+#: ``lowpass_filter_width`` and ``rolloff`` of :func:`torchaudio.functional.resample`'s
+#: defaults, which :func:`data.audio.resample` uses; the context below depends on them.
+_SINC_WIDTH = 6
+_ROLLOFF = 0.99
+
+#: Seconds read per block (at the file's rate).
+DEFAULT_BLOCK_S = 30.0
+
+ExtraChannels = Literal["error", "first_two"]
+
+
+class RecordingError(RuntimeError):
+    """A recording cannot be used; the message starts with its path."""
+
+
+class RecordingWarning(UserWarning):
+    """A recording was repaired (mono duplicated, channels dropped, samples zeroed)."""
+
+
+def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand a file, a folder (recursive ``*.wav``/``*.flac``) or a glob into files.
+
+    Args:
+        spec: a file (any suffix), a folder, a glob pattern (``**`` recurses), or a
+            sequence of these.
+
+    Returns:
+        Sorted, de-duplicated paths: files first as given, folders and globs sorted.
+
+    Raises:
+        FileNotFoundError: nothing matches ``spec``.
+    """
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    found: list[Path] = []
+    for item in specs:
+        path = Path(item)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+            )
+        else:
+            found += sorted(
+                Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file()
+            )
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise FileNotFoundError(
+            f"no recordings match {spec!r}: give a file, a folder holding "
+            f"{'/'.join(AUDIO_SUFFIXES)} files, or a glob"
+        )
+    return unique
+
+
+@dataclass
+class RecordingInfo:
+    """What the header of a recording says.
+
+    Attributes:
+        path: the file.
+        sample_rate: the file's own rate (Hz).
+        channels: the file's channel count.
+        frames: frames soundfile can read (for a truncated WAV: what is there).
+        declared_frames: frames the header promises when it promises more than
+            ``frames`` (a truncated WAV), else ``None``.
+        format: soundfile's format and subtype, e.g. ``WAV/PCM_16``.
+    """
+
+    path: Path
+    sample_rate: int
+    channels: int
+    frames: int
+    declared_frames: int | None = None
+    format: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        """Readable duration in seconds."""
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def probe(path: str | Path) -> RecordingInfo:
+    """Read the header of ``path``.
+
+    Raises:
+        RecordingError: the file cannot be opened as audio or holds no frames.
+    """
+    path = Path(path)
+    try:
+        with sf.SoundFile(str(path)) as f:
+            info = RecordingInfo(
+                path=path,
+                sample_rate=int(f.samplerate),
+                channels=int(f.channels),
+                frames=int(f.frames),
+                format=f"{f.format}/{f.subtype}",
+            )
+            log = f.extra_info
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise RecordingError(f"{path}: unreadable ({first_line(err)})") from err
+    # libsndfile reads a cut-off WAV up to where its data ends and logs what the
+    # header promised: "data : <declared bytes> (should be <bytes present>)".
+    match = _DATA_CHUNK.search(log)
+    if match and info.frames > 0:
+        declared, present = int(match.group(1)), int(match.group(2))
+        # 0 and 0xFFFFFFFF are placeholders of recorders that never finalised the header.
+        if present < declared < 0xFFFFFFFF:
+            info.declared_frames = int(round(info.frames * declared / max(present, 1)))
+    if info.frames == 0:
+        raise RecordingError(f"{path}: zero-length (no audio frames)")
+    return info
+
+
+class BlockResampler:
+    """Resample a stream block by block, equal to resampling the whole signal at once.
+
+    :func:`torchaudio.functional.resample` convolves the zero-padded signal with a
+    windowed-sinc kernel at a stride of ``orig / gcd`` input samples, each stride
+    giving ``new / gcd`` outputs. Each push resamples whole strides together with
+    enough real neighbouring samples on both sides (``context`` ≥ the kernel's
+    half-width) and keeps only the outputs whose every tap fell on real samples,
+    so blocks join without seams; the stream's first and last samples see the
+    same zero padding as the whole-signal call.
+
+    Args:
+        orig_sr: input rate (Hz).
+        new_sr: output rate (Hz).
+    """
+
+    def __init__(self, orig_sr: int, new_sr: int) -> None:
+        g = math.gcd(int(orig_sr), int(new_sr))
+        self.orig_sr, self.new_sr = int(orig_sr), int(new_sr)
+        self._o, self._n = self.orig_sr // g, self.new_sr // g
+        width = math.ceil(_SINC_WIDTH * self._o / (min(self._o, self._n) * _ROLLOFF))
+        #: Context kept on each side, a whole number of strides.
+        self.context = math.ceil(width / self._o) * self._o
+        self._buf: np.ndarray | None = None
+        self._left = 0  # context samples at the start of _buf (already emitted)
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Feed float32 ``(channels, n)`` input; return the output that is final so far."""
+        buf = block if self._buf is None else np.concatenate([self._buf, block], axis=1)
+        ready = (buf.shape[1] - self._left - self.context) // self._o * self._o
+        if ready <= 0:
+            self._buf = buf
+            return buf[:, :0]
+        segment = buf[:, : self._left + ready + self.context]
+        out = self._resample(segment)[:, self._out(self._left) : self._out(self._left + ready)]
+        keep = max(0, self._left + ready - self.context)
+        self._buf = buf[:, keep:]
+        self._left = self._left + ready - keep
+        return out
+
+    def flush(self) -> np.ndarray:
+        """Return the rest of the output (the end of the stream is zero-padded)."""
+        if self._buf is None:
+            return np.zeros((0, 0), np.float32)
+        out = self._resample(self._buf)[:, self._out(self._left) :]
+        self._buf, self._left = None, 0
+        return out
+
+    def _out(self, n_in: int) -> int:
+        return n_in // self._o * self._n  # n_in is a whole number of strides
+
+    def _resample(self, x: np.ndarray) -> np.ndarray:
+        y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), self.orig_sr, self.new_sr)
+        return y.numpy()
+
+
+@dataclass
+class StreamState:
+    """What reading one recording found; filled in as blocks are read.
+
+    Attributes:
+        samples: samples delivered at the target rate.
+        nonfinite_samples: NaN/inf samples set to zero (all channels counted).
+        repairs: human-readable repairs applied (resampled, mono duplicated...).
+        error: the read error that ended the stream early, if any.
+    """
+
+    samples: int = 0
+    nonfinite_samples: int = 0
+    repairs: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def read_blocks(
+    info: RecordingInfo,
+    sample_rate: int,
+    want_channels: int = 2,
+    extra_channels: ExtraChannels = "error",
+    block_s: float = DEFAULT_BLOCK_S,
+    state: StreamState | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield float32 ``(channels, n)`` blocks of a recording at ``sample_rate``.
+
+    Channels: 1 or 2 come out as in the file (the front end duplicates or mixes);
+    more than 2 raise unless ``extra_channels="first_two"``. A read error part-way
+    is stored in ``state.error`` and ends the stream (nothing raised), so the
+    windows read so far can still be used.
+
+    Args:
+        info: the recording's header (:func:`probe`).
+        sample_rate: rate of the blocks (the front end's).
+        want_channels: channels the front end takes (2: one channel is duplicated,
+            with a warning).
+        extra_channels: ``error`` or ``first_two`` for files with more than two
+            channels.
+        block_s: seconds read per block.
+        state: filled with sample counts, repairs and the error, if given.
+
+    Raises:
+        RecordingError: more than two channels with ``extra_channels="error"``,
+            or the file cannot be opened.
+    """
+    state = state if state is not None else StreamState()
+    path = info.path
+    take = info.channels
+    if info.channels > 2:
+        if extra_channels != "first_two":
+            raise RecordingError(
+                f"{path}: {info.channels} channels; expected 1 or 2 (in-ear, outer). "
+                "Set extra_channels='first_two' to use channels 0 and 1"
+            )
+        take = 2
+        _repair(state, f"{info.channels} channels: kept channels 0 and 1 (in-ear, outer)", path)
+    if take == 1 and want_channels == 2:
+        _repair(state, "one channel: duplicated for the two-channel model", path)
+    resampler = None
+    if info.sample_rate != sample_rate:
+        resampler = BlockResampler(info.sample_rate, sample_rate)
+        state.repairs.append(f"resampled from {info.sample_rate} Hz to {sample_rate} Hz")
+    frames = max(1, int(round(block_s * info.sample_rate)))
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as err:
+        raise RecordingError(f"{path}: unreadable ({first_line(err)})") from err
+    read = 0  # frames read at the file's rate
+    with f:
+        while True:
+            try:
+                data = f.read(frames, dtype="float32", always_2d=True)
+            except Exception as err:  # a FLAC that loses sync, a file cut under us...
+                state.error = (
+                    f"{path}: read error after {read / info.sample_rate:.1f} s ({first_line(err)})"
+                )
+                break
+            if len(data) == 0:
+                if read < info.frames:  # the data stopped before the header's count
+                    state.error = (
+                        f"{path}: the audio ends after {read / info.sample_rate:.1f} s of the "
+                        f"{info.duration_s:.1f} s its header declares"
+                    )
+                break
+            read += len(data)
+            block = np.ascontiguousarray(data[:, :take].T)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                state.nonfinite_samples += int(bad.sum())
+                block[bad] = 0.0
+            if resampler is not None:
+                block = resampler.push(block)
+            if block.shape[1]:
+                state.samples += block.shape[1]
+                yield block
+        if resampler is not None:
+            tail = resampler.flush()
+            if tail.shape[1]:
+                state.samples += tail.shape[1]
+                yield tail
+    if state.nonfinite_samples:
+        msg = f"{state.nonfinite_samples} non-finite samples set to zero"
+        _repair(state, msg, path)
+
+
+def _repair(state: StreamState, message: str, path: Path) -> None:
+    state.repairs.append(message)
+    warnings.warn(f"{path}: {message}", RecordingWarning, stacklevel=3)

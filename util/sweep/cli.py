@@ -1,0 +1,106 @@
+"""``python -m util.sweep``: the sweep's command line (jsonargparse, like ``main.py``).
+
+``--help`` lists every option with its default. Booleans are ``--dry_run true|false``;
+``--debug`` (or ``EARSLEEP_DEBUG=1``) adds the traceback to an ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import PositiveInt
+from tqdm import tqdm
+
+from util.errors import DEBUG_ENV, condense, debug_requested, report_error
+from util.sweep.manifest import ROOT, ManifestError, load_manifest
+from util.sweep.sweep import Sweep
+
+__all__ = ["PROG", "build_parser", "main"]
+
+PROG = "python -m util.sweep"
+
+
+def build_parser() -> ArgumentParser:
+    """The parser: every option typed and documented (``--help`` shows the defaults)."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Baselines, a teacher gate, then a distillation grid, over seeds "
+        "(see the docstring of util/sweep/__init__.py).",
+        exit_on_error=False,
+    )
+    parser.add_argument(
+        "--manifest", type=str, required=True, help="sweep manifest YAML (config/sweep/*.yaml)"
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="output folder (null: log/sweeps/<manifest name>)",
+    )
+    parser.add_argument(
+        "--dry_run", type=bool, default=False, help="print the plan and run counts, run nothing"
+    )
+    parser.add_argument(
+        "--resume",
+        type=bool,
+        default=False,
+        help="continue the sweep in --out: skip runs already finished with the same config",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=PositiveInt,
+        default=1,
+        help="runs trained at once (CPU threads are divided between them)",
+    )
+    parser.add_argument(
+        "--debug",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help=f"print the traceback of a failure (also: {DEBUG_ENV}=1)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Plan or run a sweep; returns the exit status.
+
+    0 when every run succeeded (or a dry run), 1 when a run failed or the sweep could
+    not run, 2 for a bad command line or manifest; 130 when interrupted.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+    """
+    try:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+    except ArgumentError as err:
+        print(f"error: {condense(str(err))} (options: {PROG} --help)", file=sys.stderr)
+        return 2
+    debug = args.debug or debug_requested()
+    try:
+        manifest = load_manifest(args.manifest)
+    except (ManifestError, OSError, yaml.YAMLError) as err:
+        report_error(err, debug)
+        return 2
+    out = Path(args.out) if args.out else ROOT / "log" / "sweeps" / manifest.name
+    echo = print if args.dry_run else tqdm.write
+    sweep = Sweep(manifest, out, resume=args.resume, jobs=args.jobs, echo=echo)
+    if args.dry_run:
+        print(sweep.plan_text())
+        return 0
+    try:
+        rows = sweep.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with --resume true (finished runs in {out} are kept)")
+        return 130
+    except Exception as err:  # one line; the traceback behind --debug
+        report_error(err, debug)
+        return 1
+    failed = sum(1 for r in sweep.results if r.status == "failed")
+    print(f"\nwrote {out}/summary.md, summary.csv, runs.csv; {failed} failed run(s)")
+    return 1 if failed or not rows else 0
