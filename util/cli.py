@@ -219,7 +219,7 @@ class EarSleepCLI(LightningCLI):
             parser.error(
                 f"--ckpt_path {ckpt_path} records predict_engine, a model option earsleep no "
                 "longer has (it is --predict_engine.runtime now); drop it from the file once: "
-                "python -c \"import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
+                'python -c "import sys, torch; c = torch.load(sys.argv[1], weights_only=True); '
                 "c['hyper_parameters'].pop('predict_engine'); torch.save(c, sys.argv[1])\" "
                 f"{ckpt_path}"
             )
