@@ -18,9 +18,55 @@ import torchaudio.functional as AF
 
 from data.errors import first_line
 
+#: File name endings of each container format soundfile (libsndfile) reads, by its
+#: format name in ``soundfile.available_formats()``. Left out: ``RAW`` (no header to
+#: read), ``MAT4``/``MAT5`` and ``HTK`` (``.mat`` and ``.htk`` files are mostly data,
+#: not sound) and ``MPC2K`` (no ending of its own); a file of those formats is still
+#: read when named as a file.
+AUDIO_FORMATS: dict[str, tuple[str, ...]] = {
+    "WAV": (".wav", ".wave"),
+    "WAVEX": (".wav",),
+    "RF64": (".rf64",),
+    "W64": (".w64",),
+    "FLAC": (".flac",),
+    "OGG": (".ogg", ".oga", ".opus"),  # Vorbis and Opus
+    "MP3": (".mp3",),  # libsndfile >= 1.1
+    "AIFF": (".aif", ".aiff", ".aifc"),
+    "CAF": (".caf",),
+    "AU": (".au", ".snd"),
+    "IRCAM": (".sf",),
+    "NIST": (".nist", ".sph"),
+    "VOC": (".voc",),
+    "SVX": (".iff", ".svx", ".8svx"),
+    "PAF": (".paf",),
+    "SD2": (".sd2",),
+    "AVR": (".avr",),
+    "WVE": (".wve",),
+    "PVF": (".pvf",),
+    "SDS": (".sds",),
+    "XI": (".xi",),
+}
+
 #: File name endings read as audio (compared case-insensitively): by the audio-folder
-#: source and when a folder of recordings is given for prediction.
-AUDIO_SUFFIXES: tuple[str, ...] = (".wav", ".flac")
+#: source and when a folder of recordings is given for prediction. Every ending of
+#: :data:`AUDIO_FORMATS`, whether or not this machine's libsndfile reads that format, so
+#: that a file it cannot read is found and reported (skipped as ``corrupt``, or an
+#: unreadable recording), never passed over.
+AUDIO_SUFFIXES: tuple[str, ...] = tuple(
+    dict.fromkeys(s for suffixes in AUDIO_FORMATS.values() for s in suffixes)
+)
+
+
+def is_audio_name(name: str | Path) -> bool:
+    """Whether a file name ends in one of :data:`AUDIO_SUFFIXES` (any letter case)."""
+    return str(name).lower().endswith(AUDIO_SUFFIXES)
+
+
+def readable_formats() -> dict[str, tuple[str, ...]]:
+    """The formats of :data:`AUDIO_FORMATS` this machine's libsndfile reads, with endings."""
+    available = sf.available_formats()
+    return {fmt: sfx for fmt, sfx in AUDIO_FORMATS.items() if fmt in available}
+
 
 #: Reasons a clip is skipped, in the order they are checked. Documented in the README.
 SKIP_REASONS: dict[str, str] = {
@@ -29,14 +75,16 @@ SKIP_REASONS: dict[str, str] = {
     "unsafe_path": "archive member path is absolute or climbs with '..'",
     "wrong_split": "archive member sits under another split's folder than its tarball's",
     "misspelled_split": "the split folder above the file is spelled with other case (Train/)",
-    "misplaced": "a file in a split's folder but not directly in one of its label folders",
+    "misplaced": "a file in a split's folder (or the root, when splits are derived) but in "
+    "none of its label folders; in an extracted DreamCatcher tree, not directly in one",
     "not_audio": "a file in a label folder whose name does not end in an audio suffix",
     "unknown_label": "the label folder above the file is not one of the source's labels",
     "duplicate_id": "another item of the split has the same clip_id; the first one is kept",
     "bad_shape": "not (channels, samples) with 1 or 2 channels",
     "empty": "zero samples",
     "nan": "holds NaN or infinite samples",
-    "too_short": "shorter than min_duration_s (default 0.25 s)",
+    "too_short": "shorter than min_duration_s (default 0.25 s), or the last window of a "
+    "segmented recording shorter than segment.min_s",
     "nonfinite_features": "the front end's output holds NaN or inf (samples far outside ±1)",
 }
 
@@ -63,7 +111,10 @@ class AudioDecodeError(ValueError):
 
 
 def decode(data: bytes | str | Path) -> tuple[np.ndarray, int]:
-    """Decode WAV/FLAC bytes or a file path to float32 ``(channels, samples)`` and its rate.
+    """Decode audio bytes or a file path to float32 ``(channels, samples)`` and its rate.
+
+    Any format soundfile reads (:data:`AUDIO_FORMATS`): the container is recognised
+    from the bytes, not from a file name.
 
     Plain 16-bit PCM and 32-bit float WAV bytes (DreamCatcher's clips, the synthetic
     corpus) are read straight from the RIFF chunks, several times faster than going

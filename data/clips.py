@@ -74,6 +74,12 @@ class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def clip_ids(self) -> list[str]:
+        """Each row's clip id (its source's stable name: a path, ``path#t=<start>``…)."""
+        with h5py.File(self.path, "r") as f:
+            return list(f["clip_ids"].asstr()[()])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.features if self.features is not None else self._open()
         try:

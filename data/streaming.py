@@ -25,9 +25,9 @@ Input policy (the night writer reports each case; see the README, "Analyse a nig
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from data.audio import AUDIO_SUFFIXES
+from data.audio import AUDIO_SUFFIXES, is_audio_name
 from data.errors import first_line
 
 #: ``lowpass_filter_width`` and ``rolloff`` of :func:`torchaudio.functional.resample`'s
@@ -51,17 +51,21 @@ DEFAULT_BLOCK_S = 30.0
 
 ExtraChannels = Literal["error", "first_two"]
 
+log = logging.getLogger(__name__)
+
 
 class RecordingError(RuntimeError):
     """A recording cannot be used; the message starts with its path."""
 
 
-class RecordingWarning(UserWarning):
-    """A recording was repaired (mono duplicated, channels dropped, samples zeroed)."""
-
-
 def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand a file, a folder (recursive ``*.wav``/``*.flac``) or a glob into files.
+    """Expand a file, a folder (recursive: every audio file) or a glob into files.
+
+    In a folder, every file below it, at any depth, whose name ends in one of
+    :data:`data.audio.AUDIO_SUFFIXES` (any format soundfile reads: WAV, FLAC, OGG
+    Vorbis/Opus, MP3, AIFF, CAF...; any letter case) is a recording; one that turns out
+    unreadable is reported by the reader, not dropped here. The other files of the
+    folder are counted and named in one logged warning.
 
     Args:
         spec: a file (any suffix), a folder, a glob pattern (``**`` recurses), or a
@@ -80,9 +84,18 @@ def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found += sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-            )
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found += [p for p in files if is_audio_name(p.name)]
+            other = [p.relative_to(path).as_posix() for p in files if not is_audio_name(p.name)]
+            if other:
+                shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+                log.warning(
+                    "%s: passed over %d file(s) not named as audio (%s); audio endings: %s",
+                    path,
+                    len(other),
+                    shown,
+                    " ".join(AUDIO_SUFFIXES),
+                )
         else:
             found += sorted(
                 Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file()
@@ -90,8 +103,8 @@ def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     unique = list(dict.fromkeys(found))
     if not unique:
         raise FileNotFoundError(
-            f"no recordings match {spec!r}: give a file, a folder holding "
-            f"{'/'.join(AUDIO_SUFFIXES)} files, or a glob"
+            f"no recordings match {spec!r}: give a file, a folder holding audio files "
+            "(.wav, .flac, .ogg, .opus, .mp3, .aiff... any format soundfile reads), or a glob"
         )
     return unique
 
@@ -267,7 +280,8 @@ def read_blocks(
         if extra_channels != "first_two":
             raise RecordingError(
                 f"{path}: {info.channels} channels; expected 1 or 2 (in-ear, outer). "
-                "Set extra_channels='first_two' to use channels 0 and 1"
+                "Pass --data.predict_extra_channels first_two (extra_channels='first_two' "
+                "in Python) to use channels 0 and 1"
             )
         take = 2
         _repair(state, f"{info.channels} channels: kept channels 0 and 1 (in-ear, outer)", path)
@@ -321,5 +335,6 @@ def read_blocks(
 
 
 def _repair(state: StreamState, message: str, path: Path) -> None:
+    """Record a repair in the recording's summary and log it in one line."""
     state.repairs.append(message)
-    warnings.warn(f"{path}: {message}", RecordingWarning, stacklevel=3)
+    log.warning("%s: %s", path, message)

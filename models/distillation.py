@@ -390,15 +390,23 @@ class DistillationClassifier(Classifier):
 
         ``compression_ratio`` is teacher parameters / student parameters;
         ``gap_closed`` is ``(student − baseline) / (teacher − baseline)`` on validation
-        macro-F1, empty unless ``baseline_f1`` was given and the teacher's score is known.
+        macro-F1, given only when ``baseline_f1`` was given, the scores are known and the
+        teacher beats the baseline (a teacher below its student's baseline has no gap to
+        close: the ratio would read as success for a worse student); otherwise it is
+        ``None`` and ``gap_closed_reason`` says why.
         """
         student_params = sum(p.numel() for p in self.backbone.parameters())
         teacher_params = self.teacher_info.get("params")
-        gap = None
+        gap, reason = None, None
         student_f1, teacher_f1 = self._student_f1(), self.teacher_info.get("val_f1_macro")
-        if None not in (self.baseline_f1, student_f1, teacher_f1):
-            span = teacher_f1 - self.baseline_f1
-            gap = (student_f1 - self.baseline_f1) / span if abs(span) > 1e-12 else None
+        if self.baseline_f1 is None:
+            reason = "no baseline_f1 given"
+        elif student_f1 is None or teacher_f1 is None:
+            reason = "the student's or the teacher's validation macro-F1 is unknown"
+        elif teacher_f1 <= self.baseline_f1:
+            reason = f"teacher {teacher_f1:.3f} is not above the baseline {self.baseline_f1:.3f}"
+        else:
+            gap = (student_f1 - self.baseline_f1) / (teacher_f1 - self.baseline_f1)
         return {
             "teacher": self.teacher_checkpoint,
             "alpha": self.alpha,
@@ -406,6 +414,7 @@ class DistillationClassifier(Classifier):
             "beta": self.beta,
             "compression_ratio": teacher_params / student_params if teacher_params else None,
             "gap_closed": gap,
+            "gap_closed_reason": reason,
         }
 
 

@@ -30,17 +30,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from models.backbones import Backbone, TinyCNN
 from models.compatibility import check_compatible
+from models.metrics import collapse_report, split_metrics
 
 #: The validation score that decides (checkpointing, early stopping, sweeps).
 MONITOR = "val/f1_macro"
@@ -109,6 +102,8 @@ class Reports(Protocol):
     test_predictions: dict[str, torch.Tensor]
     #: Params, MACs, bytes and latency, written by :class:`util.callbacks.LatencyProfiler`.
     complexity: dict[str, Any] | None
+    #: :func:`models.metrics.collapse_report` of the last epoch, by stage (``val``, ``test``).
+    collapse: dict[str, dict[str, Any]]
 
     def run_summary(self) -> dict[str, Any]:
         """Columns the module adds to the run's leaderboard row."""
@@ -143,21 +138,6 @@ class Step:
         if self.perm is None:
             return value
         return self.lam * value + (1 - self.lam) * loss(self.logits, self.target[self.perm])
-
-
-def _split_metrics(num_classes: int) -> MetricCollection:
-    k = {"num_classes": num_classes}
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(average="micro", **k),
-            "f1_macro": MulticlassF1Score(average="macro", **k),
-            "bal_acc": MulticlassAccuracy(average="macro", **k),  # mean per-class recall
-            "precision": MulticlassPrecision(average=None, **k),
-            "recall": MulticlassRecall(average=None, **k),
-            "f1": MulticlassF1Score(average=None, **k),
-            "confusion": MulticlassConfusionMatrix(**k),
-        }
-    )
 
 
 class Task(LightningModule):
@@ -247,11 +227,13 @@ class Task(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         # keyed "<stage>_metrics": a bare "train" key would shadow nn.Module.train
-        self.metrics = nn.ModuleDict({f"{s}_metrics": _split_metrics(num_classes) for s in STAGES})
+        self.metrics = nn.ModuleDict({f"{s}_metrics": split_metrics(num_classes) for s in STAGES})
         #: Confusion matrix (rows true, cols predicted) of the last val/test epoch.
         self.confusion: dict[str, torch.Tensor] = {}
         #: Test-set ``index``, ``target`` and ``probs`` after a test epoch.
         self.test_predictions: dict[str, torch.Tensor] = {}
+        #: :func:`models.metrics.collapse_report` of the last val/test epoch, by stage.
+        self.collapse: dict[str, dict[str, Any]] = {}
         #: Params, MACs, bytes and latency, set by :class:`util.callbacks.LatencyProfiler`.
         self.complexity: dict[str, Any] | None = None
         #: What computes logits in ``predict`` instead of :meth:`forward`: set for the
@@ -422,6 +404,28 @@ class Task(LightningModule):
                 "undefined and left out of the macro averages"
             )
         self.confusion[stage] = confusion
+        if stage != "train":
+            report = collapse_report(confusion, float(f1))
+            self.collapse[stage] = report
+            shares = {
+                f"{stage}/pred_share/{name}": share
+                for name, share in zip(self.class_names, report["pred_share"], strict=True)
+            }
+            self.log_dict(
+                {
+                    f"{stage}/collapsed": float(report["collapsed"]),
+                    f"{stage}/majority_f1_macro": report["majority_f1_macro"],
+                    **shares,
+                },
+                sync_dist=True,
+            )
+            if report["collapsed"]:
+                never = [self.class_names[k] for k in report["never_predicted"]]
+                rank_zero_warn(
+                    f"{stage}: the model has collapsed (macro-F1 {float(f1):.3f} against "
+                    f"{report['majority_f1_macro']:.3f} for always predicting the majority "
+                    f"class; never predicted: {', '.join(never) or 'none'})"
+                )
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

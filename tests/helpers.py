@@ -15,26 +15,29 @@ from models.classifier import Classifier
 from models.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The demo's corpus cut down to seconds of work.
-TINY_SPLITS = '{"train": 96, "validation": 48, "test": 48}'
+#: The demo config cut down to seconds of work (tiny corpus, no bars, two latency runs).
+TINY = ROOT / "tests" / "conf" / "tiny.yaml"
 
 
 def tiny_args(
-    tmp_path: Path, *extra: str, splits: str = TINY_SPLITS, latency_runs: int = 2
+    tmp_path: Path, *extra: str, splits: str | None = None, latency_runs: int | None = None
 ) -> list[str]:
-    """``config/demo.yaml`` on a tiny corpus, every output under ``tmp_path``."""
-    return [
+    """``config/demo.yaml`` + ``tests/conf/tiny.yaml``, every output under ``tmp_path``.
+
+    ``splits`` (a JSON ``{split: clips}``) and ``latency_runs`` override the tiny config's.
+    """
+    args = [
         "--config", str(ROOT / "config" / "demo.yaml"),
-        "--data.source.init_args.clips_per_split", splits,
+        "--config", str(TINY),
         "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.progress", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
-        "--latency.runs", str(latency_runs),
-        *extra,
+        "--leaderboard.path", str(tmp_path / "leaderboard.csv"),
     ]  # fmt: skip
+    if splits is not None:
+        args += ["--data.source.init_args.clips_per_split", splits]
+    if latency_runs is not None:
+        args += ["--latency.runs", str(latency_runs)]
+    return [*args, *extra]
 
 
 def untrained_checkpoint(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The confusion, latency and artifact callbacks in real Lightning runs of a stand-in classifier."""
+"""The confusion, latency, artifact, provenance and leaderboard callbacks in real Lightning runs
+of a stand-in classifier."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ from torchmetrics.functional.classification import (
 )
 
 from models.backbones import TinyCNN
-from util.callbacks import ConfusionMatrixLogger, LatencyProfiler, RunArtifacts
-from util.callbacks.artifacts import (
-    LEADERBOARD_COLUMNS,
-    append_leaderboard_row,
-    environment_info,
-    git_info,
-    mask_secrets,
+from util.callbacks import (
+    ConfusionMatrixLogger,
+    LatencyProfiler,
+    Leaderboard,
+    Provenance,
+    RunArtifacts,
 )
+from util.callbacks.leaderboard import LEADERBOARD_COLUMNS, append_leaderboard_row
+from util.callbacks.provenance import data_fingerprint_hash, environment_info, git_info
+from util.redact import mask_secrets
 
 CLASSES = ["quiet", "breathe", "snore"]
 SHAPE = (1, 8, 16)  # (C, F, T)
@@ -56,6 +59,7 @@ class StandIn(pl.LightningModule):
         self.confusion: dict[str, torch.Tensor] = {}
         self.test_predictions: dict[str, torch.Tensor] = {}
         self.complexity = None  # models.task.Reports: what the reporting callbacks read
+        self.collapse: dict[str, dict] = {}
         self.distilled = distilled
         self._outputs: dict[str, list] = {"train": [], "val": [], "test": []}
         self._seen = 0
@@ -170,7 +174,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One fit (2 epochs) + test with all three callbacks; the leaderboard read between the two."""
+    """One fit (2 epochs) + test with the reporting callbacks; the leaderboard read between the two.
+
+    The leaderboard comes first on purpose: it must see the summary that RunArtifacts
+    writes after it, in the same hook.
+    """
     root = tmp_path_factory.mktemp("run")
     leaderboard = root / "leaderboard.csv"
     with pytest.MonkeyPatch.context() as mp:
@@ -186,7 +194,9 @@ def run(tmp_path_factory):
             checkpoint,
             ConfusionMatrixLogger(),
             LatencyProfiler(runs=3, warmup=1),
-            RunArtifacts(leaderboard=str(leaderboard)),
+            Leaderboard(str(leaderboard)),
+            RunArtifacts(),
+            Provenance(),
         ]
         trainer = make_trainer(root, callbacks)
         model, data = StandIn(distilled=True), RandomData()
@@ -332,9 +342,8 @@ def test_env_json_masks_tokens(run):
 def test_fit_without_validation_or_profiler(tmp_path):
     """Rows come from train epoch ends; complexity is computed without latency; test columns empty."""
     leaderboard = tmp_path / "board.csv"
-    trainer = make_trainer(
-        tmp_path, [RunArtifacts(leaderboard=str(leaderboard))], max_epochs=1, limit_val_batches=0
-    )
+    callbacks = [RunArtifacts(), Leaderboard(str(leaderboard))]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_val_batches=0)
     trainer.fit(StandIn(), datamodule=RandomData())
     log_dir = Path(trainer.log_dir)
     rows = read_csv(log_dir / "epoch_metrics.csv")
@@ -354,7 +363,9 @@ def test_fast_dev_run_writes_nothing(tmp_path, monkeypatch):
     callbacks = [
         ConfusionMatrixLogger(),
         LatencyProfiler(),
-        RunArtifacts(leaderboard=str(leaderboard)),
+        RunArtifacts(),
+        Provenance(),
+        Leaderboard(str(leaderboard)),
     ]
     trainer = make_trainer(tmp_path, callbacks, fast_dev_run=True)
     model = StandIn()
@@ -427,3 +438,88 @@ def test_concurrent_leaderboard_appends_never_interleave(tmp_path):
     assert replaced == {f"w{w}/r{i}" for w in range(workers) for i in range(4, per_worker, 5)}
     assert all(len(r["config"]) == 50_000 for r in rows)
     assert not [p for p in os.listdir(tmp_path / "sub") if p.endswith(".tmp")]
+
+
+def test_provenance_leaderboard_and_artifacts_each_write_their_own_files(tmp_path):
+    """Provenance alone writes the three provenance files; the leaderboard row is metrics.json's.
+
+    Between fit and test a ``validate`` adds no row; after test the one row holds every
+    column as ``metrics.json`` has it (time: when the fit finished).
+    """
+    trainer = make_trainer(tmp_path / "a", [Provenance()], max_epochs=1)
+    trainer.fit(StandIn(), datamodule=RandomData())
+    log_dir = Path(trainer.log_dir)
+    written = {
+        p.name for p in log_dir.iterdir() if p.is_file() and not p.name.startswith("events.")
+    }
+    assert written == {"env.json", "git.json", "data_fingerprint.json", "hparams.yaml"}
+    assert set(json.loads((log_dir / "env.json").read_text())) == set(environment_info())
+    assert json.loads((log_dir / "git.json").read_text())["commit"] == git_info()["commit"]
+
+    leaderboard = tmp_path / "board.csv"
+    callbacks = [Leaderboard(str(leaderboard)), RunArtifacts()]
+    trainer = make_trainer(tmp_path / "b", callbacks, max_epochs=1)
+    model, data = StandIn(distilled=True), RandomData()
+    trainer.fit(model, datamodule=data)
+    (after_fit,) = read_csv(leaderboard)
+    trainer.validate(model, datamodule=data)
+    assert read_csv(leaderboard) == [after_fit]
+    trainer.test(model, datamodule=data)
+    log_dir = Path(trainer.log_dir)
+    assert not (log_dir / "env.json").exists() and not (log_dir / "git.json").exists()
+    m = json.loads((log_dir / "metrics.json").read_text())
+    complexity, test, extras = m["complexity"], m["test"], m["extras"]
+    expected = {
+        "time": after_fit["time"],
+        "run_dir": m["run_dir"],
+        "model": m["model"],
+        **{k: complexity.get(k) for k in ("params", "macs", "bytes_fp32", "latency_median_ms")},
+        "best_val_f1_macro": m["best_val_f1_macro"],
+        "test_f1_macro": test["test/f1_macro"],
+        "test_acc": test["test/acc"],
+        "test_bal_acc": test["test/bal_acc"],
+        "collapsed": m["collapse"]["test"]["collapsed"] if m["collapse"] else None,
+        "seed": m["seed"],
+        **{k: extras.get(k) for k in ("teacher", "alpha", "temperature", "beta")},
+        **{k: extras.get(k) for k in ("compression_ratio", "gap_closed", "gap_closed_reason")},
+        # no Provenance callback in this run: its columns stay empty
+        **{k: None for k in ("data_fingerprint", "git_commit", "git_dirty")},
+        "config": m["config"],
+    }
+    assert list(expected) == list(LEADERBOARD_COLUMNS)
+    assert read_csv(leaderboard) == [{k: "" if v is None else str(v) for k, v in expected.items()}]
+    assert after_fit["test_f1_macro"] == "" and test["test/f1_macro"] is not None
+
+
+def test_an_empty_leaderboard_path_writes_no_row_and_one_alone_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default path would land
+    callbacks = [RunArtifacts(), Leaderboard("")]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_val_batches=0)
+    trainer.fit(StandIn(), datamodule=RandomData())
+    assert (Path(trainer.log_dir) / "metrics.json").is_file()
+    assert not [p for p in tmp_path.rglob("*") if "board" in p.name]
+    trainer = make_trainer(tmp_path, [Leaderboard(str(tmp_path / "board.csv"))], max_epochs=1)
+    with pytest.raises(ValueError, match="Leaderboard needs a RunArtifacts callback"):
+        trainer.fit(StandIn(), datamodule=RandomData())
+    assert not (tmp_path / "board.csv").exists()
+
+
+def test_leaderboard_rows_name_the_data_and_the_code_they_came_from(run):
+    """The row carries the hash of the run's data_fingerprint.json and git.json's version."""
+    (row,) = read_csv(run["leaderboard"])
+    fingerprint = json.loads((run["dir"] / "data_fingerprint.json").read_text())
+    assert row["data_fingerprint"] == data_fingerprint_hash(fingerprint)
+    assert re.fullmatch("[0-9a-f]{12}", row["data_fingerprint"])
+    git = json.loads((run["dir"] / "git.json").read_text())
+    assert row["git_commit"] == ("" if git["commit"] is None else git["commit"])
+    assert row["git_dirty"] == ("" if git["dirty"] is None else str(git["dirty"]))
+    # the fit row carried them already: a row never lacks its provenance
+    assert run["after_fit"][0]["data_fingerprint"] == row["data_fingerprint"]
+
+
+def test_the_data_fingerprint_hash_follows_content_not_key_order():
+    a = {"train": {"cache_key": "k1", "rows": 10}, "test": {"cache_key": "k2", "rows": 4}}
+    b = {"test": {"rows": 4, "cache_key": "k2"}, "train": {"rows": 10, "cache_key": "k1"}}
+    assert data_fingerprint_hash(a) == data_fingerprint_hash(b)
+    assert data_fingerprint_hash(a) != data_fingerprint_hash({**a, "test": {"cache_key": "k3"}})
+    assert data_fingerprint_hash(None) is None

@@ -131,3 +131,22 @@ def test_checkpoint_of_another_class_count_is_refused():
     }
     with pytest.raises(IncompatibleError, match="holds a TinyCNN, the config asks for a Echo"):
         model.on_load_checkpoint(ckpt)
+
+
+def test_collapse_is_one_class_or_no_better_than_the_majority_class() -> None:
+    from models.metrics import collapse_report
+
+    # 10 quiet, 6 breathe, 4 snore; everything predicted "quiet"
+    one_class = torch.tensor([[10, 0, 0], [6, 0, 0], [4, 0, 0]])
+    report = collapse_report(one_class, f1_macro=(2 * 10 / 30) / 3)
+    assert report["collapsed"] and report["never_predicted"] == [1, 2]
+    assert report["pred_share"] == [1.0, 0.0, 0.0]
+    # the baseline: F1 of the majority class (2·10/(20+10)) over the three present classes
+    assert report["majority_f1_macro"] == pytest.approx(2 * 10 / 30 / 3)
+    # three classes predicted, but no better than always saying "quiet": still collapsed
+    poor = torch.tensor([[4, 3, 3], [3, 2, 1], [2, 1, 1]])
+    assert collapse_report(poor, f1_macro=0.2)["collapsed"]
+    good = torch.tensor([[9, 1, 0], [1, 5, 0], [0, 1, 3]])
+    assert not collapse_report(good, f1_macro=0.8)["collapsed"]
+    # a split with one class present cannot tell
+    assert not collapse_report(torch.tensor([[5, 0], [0, 0]]), f1_macro=1.0)["collapsed"]

@@ -52,6 +52,11 @@ def test_test_and_predict_from_the_checkpoint(fitted):
     run_dir = Path(tested.trainer.log_dir)
     header = next(csv.reader((run_dir / "class_metrics.csv").read_text().splitlines()))
     assert header[:4] == ["class", "precision", "recall", "f1"]
+    # a misclassified clip can be found by name: every row names its clip
+    rows = list(csv.DictReader((run_dir / "test_predictions.csv").read_text().splitlines()))
+    ids = [r["clip_id"] for r in rows]
+    assert len(set(ids)) == len(ids) == len(tested.model.test_predictions["target"])
+    assert tested.datamodule.dataset("test").clip_ids == ids
     board = list(csv.DictReader((tmp_path / "leaderboard.csv").read_text().splitlines()))
     assert board[-1]["model"] == "TinyCNN" and board[-1]["test_f1_macro"]
     # A test-only run takes the tested checkpoint's validation score from the file.

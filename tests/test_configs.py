@@ -33,7 +33,7 @@ def _args(name: str, tmp_path: Path, *extra: str) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
+        "--leaderboard.path", str(tmp_path / "leaderboard.csv"),
         "--latency.runs", "1",
         *extra,
     ]  # fmt: skip

@@ -75,3 +75,17 @@ def test_test_and_predict_with_a_checkpoint_log_into_its_run_folder(tmp_path: Pa
     predicted = main(["predict", *tiny_args(tmp_path), "--ckpt_path", best])
     assert Path(predicted.trainer.log_dir) == run / "predict" / "version_0"
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # log/demo holds the one run
+
+
+def test_early_stopping_says_that_it_ended_the_run(tmp_path: Path, capsys) -> None:
+    """A frozen model (lr 0) never improves: patience 1 stops it after its second epoch."""
+    cli = main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "5"),
+         "--early_stopping.patience", "1", "--model.init_args.optimizer.init_args.lr", "0"]
+    )  # fmt: skip
+    assert cli.trainer.current_epoch < 5
+    err = capsys.readouterr().err
+    assert (
+        f"early stopping ended the run after epoch {cli.trainer.early_stopping_callback.stopped_epoch}"
+        in err
+    )

@@ -308,6 +308,12 @@ def test_fit_keeps_teacher_frozen_and_out_of_the_checkpoint(
     model.baseline_f1 = teacher_f1 - 0.25
     expected = (float(ckpt.best_model_score) - model.baseline_f1) / 0.25
     assert model.run_summary()["gap_closed"] == pytest.approx(expected)
+    assert model.run_summary()["gap_closed_reason"] is None
+    # a teacher no better than the baseline closes no gap: absent, with the reason
+    model.baseline_f1 = teacher_f1 + 0.05
+    below = model.run_summary()
+    assert below["gap_closed"] is None
+    assert below["gap_closed_reason"].startswith(f"teacher {teacher_f1:.3f} is not above")
     model.baseline_f1 = None
     assert model.run_summary()["gap_closed"] is None
 
@@ -479,7 +485,7 @@ trainer:
   logger:
     init_args: {{save_dir: {tmp_path / "log"}}}
 latency: {{runs: 1, warmup: 0}}
-artifacts: {{leaderboard: {tmp_path / "leaderboard.csv"}}}
+leaderboard: {{path: {tmp_path / "leaderboard.csv"}}}
 """
     )
     base = ["--config", "config/demo.yaml", "--config", str(data)]

@@ -58,7 +58,7 @@ from data.sources import (
 from models.backbones import TinyCNN
 from models.classifier import Classifier
 from models.task import NonFiniteLossError
-from util.callbacks import RunArtifacts
+from util.callbacks import Leaderboard, RunArtifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -156,7 +156,8 @@ def fit_like_the_cli(tmp_path: Path, in_memory: bool) -> Trainer:
         enable_model_summary=False,
         callbacks=[
             ModelCheckpoint(monitor="val/f1_macro", mode="max", save_last=True),
-            RunArtifacts(leaderboard=str(tmp_path / "leaderboard.csv")),
+            RunArtifacts(),
+            Leaderboard(str(tmp_path / "leaderboard.csv")),
         ],
     )
     trainer.fit(model, dm)
@@ -226,7 +227,7 @@ def test_non_finite_loss_stops_fit_before_any_artifact(tmp_path):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[RunArtifacts(leaderboard=str(leaderboard))],
+        callbacks=[RunArtifacts(), Leaderboard(str(leaderboard))],
     )
     with pytest.raises(NonFiniteLossError, match="train loss is nan"):
         trainer.fit(model, loader, clean)
@@ -429,6 +430,7 @@ def test_every_file_of_an_audio_folder_is_read_or_counted(tmp_path):
         "Train/snore/d.wav": wav(0.5, 2, 4),
         "train/snore/cut.wav": wav(0.5, 2, 5)[:100],
         "train/snore/e.mp3": b"ID3 not decoded",
+        "train/snore/e.txt": b"not audio",
         "validation/quiet/f.wav": wav(0.5, 2, 6),
         "extra/quiet/g.wav": wav(0.5, 2, 7),
     }
@@ -439,11 +441,12 @@ def test_every_file_of_an_audio_folder_is_read_or_counted(tmp_path):
     seen = {r.clip_id: getattr(r, "reason", "read") for r in source.iter_clips("train")}
     assert seen == {
         "train/quiet/a.wav": "read",
-        "train/quiet/deep/b.wav": "misplaced",
+        "train/quiet/deep/b.wav": "read",
         "train/c.wav": "misplaced",
         "Train/snore/d.wav": "misspelled_split",
         "train/snore/cut.wav": "truncated",
-        "train/snore/e.mp3": "not_audio",
+        "train/snore/e.mp3": "corrupt",
+        "train/snore/e.txt": "not_audio",
     }
     assert source.fingerprint("train")["outside_splits"] == "1"  # extra/quiet/g.wav
     (tmp_path / "validation").rename(tmp_path / "VALIDATION")
@@ -625,7 +628,7 @@ def test_full_disk_through_main_fit_is_no_signal(tiny_disk, tmp_path):
         "--data.source.init_args.clips_per_split", '{"train": 600, "validation": 50, "test": 50}',
         "--data.cache_dir", str(tiny_disk), "--data.progress", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "log"),
-        "--artifacts.leaderboard", str(tmp_path / "leaderboard.csv"),
+        "--leaderboard.path", str(tmp_path / "leaderboard.csv"),
     ]  # fmt: skip
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, (out.returncode, out.stderr[-2000:])  # not 139 (SIGSEGV)

@@ -24,7 +24,7 @@ from huggingface_hub import constants as hub_constants
 import main as cli_main
 from tests.helpers import tiny_args, untrained_checkpoint
 from util import errors
-from util.callbacks.artifacts import append_leaderboard_row
+from util.callbacks.leaderboard import append_leaderboard_row
 from util.deploy.__main__ import main as export_main
 from util.outputs import OutputError, allocate_version
 
@@ -139,12 +139,12 @@ def test_leaderboard_loses_no_row_under_eight_writers(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option", ["--trainer.logger.init_args.save_dir", "--artifacts.leaderboard", "--checkpoint.dirpath"]
+    "option", ["--trainer.logger.init_args.save_dir", "--leaderboard.path", "--checkpoint.dirpath"]
 )  # fmt: skip
 def test_an_impossible_output_location_fails_before_data_and_training(tmp_path, capsys, option):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    bad = blocker / ("leaderboard.csv" if option == "--artifacts.leaderboard" else "out")
+    bad = blocker / ("leaderboard.csv" if option == "--leaderboard.path" else "out")
     args = ["fit", *tiny_args(tmp_path), option, str(bad), "--trainer.max_epochs", "1"]
     with pytest.raises(OutputError, match=option.replace(".", r"\.")):
         cli_main.main(args)

@@ -11,7 +11,7 @@ interpreter start is what would make it slow):
 - ``main.py`` with any other config (DreamCatcher, which is gated): as written plus
   ``--print_config``, so the config resolves and every flag exists;
 - ``-m util.deploy``, ``-m util.sweep`` (``--dry_run true`` added), ``-m util.night.generate``
-  (a 36-second night): as written, tiny where it says so below;
+  (a 36-second night), ``-m util.night.rederive``: as written, tiny where it says so below;
 - ``benchmarks/*.py``: their arguments are parsed, nothing is measured.
 
 A command that starts with a bare ``python`` or ``tensorboard`` fails the test: after the
@@ -247,6 +247,12 @@ def run_python(argv: list[str], sandbox: Path, monkeypatch: pytest.MonkeyPatch) 
         rest = args[2:] + TINY_NIGHT
         with argv_and_output(["night", *rest]):
             code = exit_code(lambda: night.main(rest))
+    elif args[:2] == ["-m", "util.night.rederive"]:
+        from util.night import rederive
+
+        rest = args[2:]
+        with argv_and_output(["rederive", *rest]):
+            code = exit_code(lambda: rederive.main(rest))
     elif args[:2] == ["-m", "pytest"]:
         return None  # the suite itself (what CI runs)
     elif args[0].startswith("benchmarks/") and args[0].endswith(".py"):

@@ -324,6 +324,105 @@ def test_audio_folder(tmp_path):
         _records(source, "test")
 
 
+#: Formats written by the tests: (soundfile format, subtype, file ending, lossless).
+FORMATS = [
+    ("WAV", "PCM_24", ".wav", True),
+    ("FLAC", "PCM_16", ".flac", True),
+    ("OGG", "VORBIS", ".ogg", False),
+    ("OGG", "OPUS", ".opus", False),
+    ("MP3", "MPEG_LAYER_III", ".mp3", False),
+    ("AIFF", "PCM_16", ".aiff", True),
+    ("CAF", "ALAC_16", ".caf", True),
+    ("AU", "PCM_16", ".au", True),
+    ("W64", "FLOAT", ".w64", True),
+]
+
+
+def _encoded(wave: np.ndarray, fmt: str, subtype: str) -> bytes | None:
+    """``wave`` in ``fmt``, or ``None`` where this libsndfile cannot write it (MP3 < 1.1)."""
+    buf = io.BytesIO()
+    try:
+        sf.write(buf, wave.T, 16000, format=fmt, subtype=subtype)
+    except (ValueError, TypeError, sf.LibsndfileError):
+        return None
+    return buf.getvalue()
+
+
+def _tone(seconds: float, channels: int = 2) -> np.ndarray:
+    t = np.arange(int(seconds * 16000), dtype=np.float32) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t))[None].repeat(channels, 0).astype(np.float32)
+
+
+def test_audio_folder_reads_every_format_in_any_subfolder(tmp_path):
+    tone = _tone(1.0)
+    expected = {}
+    for i, (fmt, subtype, ending, lossless) in enumerate(FORMATS):
+        rel = (
+            f"train/{'snore' if i % 2 else 'breathe'}/{'night/part/' if i % 3 else ''}x{i}{ending}"
+        )
+        payload = _encoded(tone, fmt, subtype)
+        if payload is None:  # this libsndfile cannot write it: it must still be found
+            payload = b"ID3\x04 not decodable here"
+        expected[rel] = (lossless, payload.startswith(b"ID3\x04"))
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(payload)
+    broken = {"train/snore/broken.mp3": b"ID3 but no frames", "train/snore/BROKEN.OGG": b"OggS" * 9}
+    for rel, payload in broken.items():
+        (tmp_path / rel).write_bytes(payload)
+    (tmp_path / "train/snore/night/notes.txt").write_text("not audio: counted")
+    sf.write(tmp_path / "train/loose.wav", tone.T, 16000)  # not in a label folder
+    source = AudioFolder(str(tmp_path))
+    assert source.labels == ("breathe", "snore")
+    records = {r.clip_id: r for r in _records(source, "train")}
+    assert len(records) == len(FORMATS) + 4 == source.size_hint("train")
+    for rel, (lossless, undecodable) in expected.items():
+        clip = records[rel]
+        if undecodable:
+            assert isinstance(clip, SkippedClip) and clip.reason == "corrupt"
+            continue
+        assert isinstance(clip, Clip), rel
+        assert clip.label == rel.split("/")[1] and clip.sample_rate == 16000
+        assert clip.waveform.shape[0] == 2
+        if lossless:
+            np.testing.assert_allclose(clip.waveform, tone, atol=1e-4)
+        else:  # lossy codecs keep the length (within a frame) and the tone
+            assert abs(clip.waveform.shape[1] - 16000) < 1200, rel
+            spectrum = np.abs(np.fft.rfft(clip.waveform[0]))
+            assert abs(np.argmax(spectrum) * 16000 / clip.waveform.shape[1] - 440) < 5, rel
+    reasons = {k: r.reason for k, r in records.items() if isinstance(r, SkippedClip)}
+    assert {k: reasons[k] for k in broken} == dict.fromkeys(broken, "corrupt")
+    assert reasons["train/snore/night/notes.txt"] == "not_audio"
+    assert reasons["train/loose.wav"] == "misplaced"
+
+
+def test_predict_finds_every_format_and_names_what_it_passes_over(tmp_path, caplog):
+    from data.features import LogMelFrontEnd
+    from data.recordings import RecordingWindows
+    from data.streaming import find_recordings
+
+    expected = {}
+    for fmt, subtype, ending, _ in FORMATS:
+        payload = _encoded(_tone(2.0), fmt, subtype)
+        path = (
+            tmp_path / ("deep/er" if ending in (".mp3", ".caf") else "") / f"night{ending.upper()}"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload or b"ID3\x04 not decodable here")
+        expected[path] = "ok" if payload is not None else "error"
+    (tmp_path / "deep" / "broken.opus").write_bytes(b"OggS not really")
+    expected[tmp_path / "deep" / "broken.opus"] = "error"
+    (tmp_path / "notes.txt").write_text("not audio")
+    (tmp_path / "deep" / "events.csv").write_text("onset,offset")
+    with caplog.at_level("WARNING", logger="data.streaming"):
+        found = find_recordings(tmp_path)
+    assert sorted(found) == sorted(expected)
+    assert "passed over 2 file(s)" in caplog.text and "notes.txt" in caplog.text
+    items = list(RecordingWindows(tmp_path, LogMelFrontEnd(), batch_size=8))
+    # An unreadable file is reported as the run goes on, never raised; the others are read.
+    status = {Path(it["recording"]): it["info"]["status"] for it in items if it["last"]}
+    assert status == expected
+
+
 # -- HubAudioDataset (local parquet) --------------------------------------------------
 
 
@@ -389,6 +488,27 @@ def test_hub_audio_dataset_with_string_labels(tmp_path, datasets_cache):
     source = HubAudioDataset(str(root), splits={"train": "train"})
     assert source.labels == ("cough", "snore")
     assert [r.label for r in _records(source, "train")] == ["snore", "cough"]
+
+
+def test_hub_audio_dataset_decodes_every_format(tmp_path, datasets_cache):
+    datasets = datasets_cache
+    tone = _tone(0.5)
+    rows = [(f, e, _encoded(tone, f, s)) for f, s, e, _ in FORMATS]
+    rows = [r for r in rows if r[2] is not None]
+    audio = [{"bytes": payload, "path": f"x{ending}"} for _, ending, payload in rows]
+    audio.append({"bytes": b"OggS not audio", "path": "bad.ogg"})
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"audio": struct, "label": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"audio": audio, "label": ["snore"] * len(audio)}, features)
+    (tmp_path / "ds").mkdir()
+    ds.cast_column("audio", datasets.Audio(decode=False)).to_parquet(
+        str(tmp_path / "ds/train.parquet")
+    )
+    records = _records(HubAudioDataset(str(tmp_path / "ds"), splits={"train": "train"}), "train")
+    assert [type(r).__name__ for r in records] == ["Clip"] * len(rows) + ["SkippedClip"]
+    assert records[-1].reason == "corrupt" and records[-1].clip_id == f"train/{len(rows)}/bad.ogg"
+    for record, (fmt, _, _) in zip(records, rows, strict=False):
+        assert record.waveform.shape[0] == 2 and abs(record.waveform.shape[1] - 8000) < 1200, fmt
 
 
 # -- Synthetic ------------------------------------------------------------------------

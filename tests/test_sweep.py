@@ -1,4 +1,5 @@
-"""The sweep runner: plans, the teacher gate, resume, failures, statistics, and one real sweep."""
+"""The sweep runner: plans, the teacher gate, collapsed runs, provenance and resume, failures,
+statistics, and one real sweep."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 import yaml
 from torchmetrics.functional.classification import multiclass_f1_score
 
+from main import main
+from tests.helpers import tiny_args
+from util.callbacks.provenance import data_fingerprint_hash
 from util.sweep import (
     ROOT,
     ManifestError,
@@ -21,6 +25,7 @@ from util.sweep import (
     Sweep,
     SweepError,
     bootstrap_macro_f1,
+    data_fingerprint_now,
     load_manifest,
 )
 from util.sweep import main as sweep_main
@@ -45,6 +50,7 @@ def test_reference_manifest_plans_11_baselines_and_18_distillations_per_seed(cap
     assert len(m.phase2) == 18
     assert {s.baseline for s in m.phase2} == {"tinycnn", "tinycnn_cbam"}
     assert len(m.tuning) > 0
+    assert m.margin == 0.03 and m.on_fail == "stop"  # the published protocol; the gate gates
 
     assert (
         sweep_main(["--manifest", str(ROOT / "config/sweep/reference.yaml"), "--dry_run", "true"])
@@ -61,6 +67,7 @@ def test_demo_manifest_runs_two_seeds_of_the_whole_flow() -> None:
     m = load_manifest(ROOT / "config/sweep/demo.yaml")
     assert len(m.seeds) == 2
     assert m.phase1 and m.tuning and m.phase2 and m.teacher == "crnn"
+    assert m.margin == 0.03 and m.on_fail == "distil"  # the demo shows phase 2, and says why
     for model in m.models.values():
         assert "config/sweep/demo_data.yaml" in model["configs"]
 
@@ -77,6 +84,11 @@ def test_manifest_errors_say_where(tmp_path: Path) -> None:
         load_manifest(manifest(phase1=[{"name": "x", "model": "nope"}]))
     with pytest.raises(ManifestError, match="gate.teacher 'ghost'"):
         load_manifest(manifest(gate={"teacher": "ghost"}))
+    gate = _manifest_dict(tmp_path)["gate"]
+    with pytest.raises(ManifestError, match=r"gate.on_fail must be one of \['stop', 'distil'\]"):
+        load_manifest(manifest(gate={**gate, "on_fail": "always"}))
+    with pytest.raises(ManifestError, match=r"gate: unknown keys \['onfail'\]"):
+        load_manifest(manifest(gate={**gate, "onfail": "distil"}))
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(manifest(models={"m": {"configs": ["config/none.yaml"]}}))
     with pytest.raises(ManifestError, match="name template"):
@@ -100,6 +112,7 @@ def test_cli_help_lists_every_option_with_its_default(capsys) -> None:
         "--out",
         "--dry_run {true,false}",
         "--resume",
+        "--distil_anyway {true,false}",
         "--jobs",
         "--debug",
     ):
@@ -188,15 +201,31 @@ class FakeRunner:
     """Writes the artifacts a real run would, with scores from a table.
 
     ``scores[name] = (val_f1, test_f1)``; seed ``s`` adds ``0.001·s`` to both. Test
-    predictions are made to have roughly that test macro-F1.
+    predictions are made to have roughly that test macro-F1. Runs named in ``collapsed``
+    (``name`` or ``(name, seed)``) record a collapsed test split, as ``metrics.json``'s
+    ``collapse`` does; every run records ``data`` as its ``data_fingerprint.json`` and
+    ``git`` as its ``git.json`` (what :class:`~util.callbacks.Provenance` writes).
     """
 
     def __init__(
-        self, scores: dict[str, tuple[float, float]], fail: set[tuple[str, int]] = frozenset()
+        self,
+        scores: dict[str, tuple[float, float]],
+        fail: set[tuple[str, int]] = frozenset(),
+        collapsed: set[Any] = frozenset(),
     ) -> None:
         self.scores = scores
         self.fail = set(fail)
+        self.collapsed = set(collapsed)
+        self.data: dict[str, Any] = {"train": {"cache_key": "k-train", "rows": 1200}}
+        self.git: dict[str, Any] = {"commit": "a" * 40, "branch": "main", "dirty": False}
         self.calls: list[tuple[str, int, list[str]]] = []
+
+    def data_probe(self, argv: list[str]) -> str | None:
+        """What the data looks like now (the sweep's probe, without main.py)."""
+        return data_fingerprint_hash(self.data)
+
+    def code_probe(self) -> dict[str, Any]:
+        return dict(self.git)
 
     def __call__(self, run: Run, argv: list[str], run_dir: Path, log_path: Path) -> int:
         self.calls.append((run.name, run.seed, argv))
@@ -213,32 +242,68 @@ class FakeRunner:
         pred = np.where(rng.random(300) < test, target, (target + 1) % 3)
         with open(run_dir / "test_predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["index", "target", "pred", *(f"prob_{c}" for c in CLASSES)])
+            w.writerow(["index", "clip_id", "target", "pred", *(f"prob_{c}" for c in CLASSES)])
             w.writerows(
-                [i, t, p, 0.3, 0.3, 0.4] for i, (t, p) in enumerate(zip(target, pred, strict=True))
+                [i, f"test/c{i}.wav", t, p, 0.3, 0.3, 0.4]
+                for i, (t, p) in enumerate(zip(target, pred, strict=True))
             )
         extras = {}
-        if run.name.startswith("kd"):
-            extras = {"gap_closed": 0.5, "compression_ratio": 3.0}
+        if run.name.startswith("kd"):  # as DistillationClassifier.run_summary reports it
+            args = _args(argv)
+            base, teacher = (
+                float(args[k]) if k in args else None
+                for k in ("model.init_args.baseline_f1", "model.init_args.teacher_f1")
+            )
+            gap, reason = None, "no baseline_f1 given"
+            if base is not None and teacher is not None and teacher > base:
+                gap, reason = (val - base) / (teacher - base), None
+            extras = {"gap_closed": gap, "gap_closed_reason": reason, "compression_ratio": 3.0}
+        down = run.name in self.collapsed or (run.name, run.seed) in self.collapsed
+        share = (
+            {"quiet": 0.0, "breathe": 0.0, "snore": 1.0} if down else dict.fromkeys(CLASSES, 1 / 3)
+        )
+        collapse = {
+            "collapsed": down,
+            "never_predicted": ["quiet", "breathe"] if down else [],
+            "pred_share": share,
+            "majority_f1_macro": 0.2,
+        }
         metrics = {
             "model": "TinyCNN",
             "best_val_f1_macro": val,
             "best_model_path": str(ckpt),
             "test": {"test/f1_macro": test, "test/acc": test, "test/bal_acc": test},
             "complexity": {"params": 1000, "latency_median_ms": 1.0},
+            "collapse": {"val": {**collapse, "collapsed": False}, "test": collapse},
             "extras": extras,
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        (run_dir / "data_fingerprint.json").write_text(json.dumps(self.data))
+        (run_dir / "git.json").write_text(json.dumps(self.git))
         return 0
 
 
-def _sweep(tmp_path: Path, runner: FakeRunner, resume: bool = False, **changes: Any) -> Sweep:
+def _sweep(
+    tmp_path: Path,
+    runner: FakeRunner,
+    resume: bool = False,
+    distil_anyway: bool = False,
+    echo: Any = None,
+    **changes: Any,
+) -> Sweep:
     raw = _manifest_dict(tmp_path)
     raw.update(changes)
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump(raw))
     return Sweep(
-        load_manifest(path), tmp_path / "out", resume=resume, runner=runner, echo=lambda s: None
+        load_manifest(path),
+        tmp_path / "out",
+        resume=resume,
+        runner=runner,
+        echo=echo or (lambda s: None),
+        distil_anyway=distil_anyway,
+        data_probe=runner.data_probe,
+        code_probe=runner.code_probe,
     )
 
 
@@ -302,19 +367,189 @@ def test_gate_not_met_tunes_the_teacher_and_uses_the_best_tuned_one(tmp_path: Pa
     assert "teacher" in rows["teacher_h128"]["chosen"]
 
 
-def test_gate_still_not_met_after_tuning_distils_from_the_best_and_says_so(tmp_path: Path) -> None:
+#: The teacher stays below the margin (0.05 above the best student, 0.721) after tuning.
+TEACHERS_WEAK = {"teacher": (0.73, 0.8), "teacher_h96": (0.74, 0.8), "teacher_h128": (0.70, 0.8)}
+
+
+def test_gate_still_not_met_after_tuning_stops_before_phase_2_and_says_why(
+    tmp_path: Path,
+) -> None:
+    lines: list[str] = []
+    runner = FakeRunner({**STUDENTS_WEAK, **TEACHERS_WEAK})
+    sweep = _sweep(tmp_path, runner, echo=lines.append)
+    rows = sweep.run()
+    assert sweep.gate.tuned and not sweep.gate.passed and sweep.gate.teacher == "teacher_h96"
+    names = {name for name, _, _ in runner.calls}
+    assert "teacher_h96" in names and not any(n.startswith("kd") for n in names)
+    assert sweep.gate.phase2 == "does not run"
+    assert "--distil_anyway true" in sweep.gate.phase2_reason
+    assert any(
+        line.startswith("phase 2 does not run: no teacher meets the margin") for line in lines
+    )
+    # the phase-2 runs are listed as skipped, with the reason; the summary has no rows for them
+    runs = {(r["name"], r["seed"]): r for r in _csv_rows(tmp_path / "out" / "runs.csv")}
+    assert runs[("kd_a0.3", "0")]["status"] == "skipped"
+    assert "the gate is not met" in runs[("kd_a0.3", "0")]["note"]
+    assert not [r for r in rows if r["phase"] == "phase2"]
+    chosen = {r["config"]: r["chosen"] for r in rows}
+    assert chosen["teacher_h96"] == "best teacher (gate not met)"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "phase 2 does not run: no teacher meets the margin of 0.05 after teacher tuning" in md
+    assert json.loads((tmp_path / "out" / "gate.json").read_text())["phase2"] == "does not run"
+
+
+@pytest.mark.parametrize("asked_by", ["manifest", "command line"])
+def test_gate_not_met_distils_only_when_asked_explicitly(tmp_path: Path, asked_by: str) -> None:
+    runner = FakeRunner({**STUDENTS_WEAK, **TEACHERS_WEAK})
+    if asked_by == "manifest":
+        gate = {**_manifest_dict(tmp_path)["gate"], "on_fail": "distil"}
+        sweep = _sweep(tmp_path, runner, gate=gate)
+        source = "the manifest's gate.on_fail: distil"
+    else:
+        sweep = _sweep(tmp_path, runner, distil_anyway=True)
+        source = "--distil_anyway true"
+    rows = sweep.run()
+    assert not sweep.gate.passed and sweep.gate.phase2 == "runs"
+    kd = [(seed, _args(argv)) for name, seed, argv in runner.calls if name.startswith("kd")]
+    assert len(kd) == 4
+    for seed, args in kd:
+        assert f"/runs/teacher_h96/seed{seed}/" in args["model.init_args.teacher_checkpoint"]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert (
+        "phase 2 runs: no teacher meets the margin after teacher tuning; distilling from the "
+        f"best one, teacher_h96, anyway because {source} says so"
+    ) in md
+    assert any("best distilled" in r["chosen"] for r in rows)
+
+
+def test_cli_distil_anyway_reaches_the_sweep(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(_manifest_dict(tmp_path)))
+    args = ["--manifest", str(path), "--dry_run", "true"]
+    assert sweep_main(args) == 0
+    assert "phase 2 does not run (gate.on_fail: stop" in capsys.readouterr().out
+    assert sweep_main([*args, "--distil_anyway", "true"]) == 0
+    assert "phase 2 runs anyway (--distil_anyway true)" in capsys.readouterr().out
+
+
+def test_gap_closed_is_absent_with_its_reason_when_the_teacher_is_below_the_baseline(
+    tmp_path: Path,
+) -> None:
+    # the issue's case: baseline 0.396, teacher 0.332, student 0.316 (gap "1.25" before)
+    scores = {
+        "student": (0.396, 0.4),
+        "student_w8": (0.30, 0.3),
+        "student_w16": (0.30, 0.3),
+        "teacher": (0.332, 0.3),
+        "teacher_h96": (0.30, 0.3),
+        "teacher_h128": (0.30, 0.3),
+        "kd_a0.3": (0.316, 0.3),
+        "kd_a0.9": (0.316, 0.3),
+    }
+    sweep = _sweep(tmp_path, FakeRunner(scores), distil_anyway=True)
+    rows = {r["config"]: r for r in sweep.run()}
+    # the teacher of each seed is 0.064 below its baseline: no gap to close
+    assert rows["kd_a0.3"]["gap_closed"] is None
+    assert rows["kd_a0.3"]["gap_closed_reason"] == "teacher 0.333 is not above the baseline 0.397"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "gap closed not reported for kd_a0.3, kd_a0.9: teacher 0.333 is not above" in md
+    # above the baseline, it is the share of the teacher's lead the student recovered
+    scores.update({"teacher": (0.50, 0.5), "kd_a0.3": (0.448, 0.4)})
+    (tmp_path / "again").mkdir()
+    sweep = _sweep(tmp_path / "again", FakeRunner(scores), distil_anyway=True)
+    rows = {r["config"]: r for r in sweep.run()}
+    assert rows["kd_a0.3"]["gap_closed"] == pytest.approx((0.4485 - 0.3965) / (0.5005 - 0.3965))
+    assert rows["kd_a0.3"]["gap_closed_reason"] is None
+
+
+# -- collapsed runs ---------------------------------------------------------------------------
+
+
+def test_collapsed_runs_are_flagged_counted_and_never_chosen(tmp_path: Path) -> None:
+    # student_w8 has the best validation score but collapsed on one seed; the teacher
+    # collapsed: tuning runs and the best tuned teacher that did not collapse is chosen
     scores = {
         **STUDENTS_WEAK,
-        "teacher": (0.73, 0.8),
-        "teacher_h96": (0.74, 0.8),
-        "teacher_h128": (0.70, 0.8),
+        "teacher": (0.95, 0.9),
+        "teacher_h96": (0.90, 0.9),
+        "teacher_h128": (0.85, 0.8),
     }
+    runner = FakeRunner(scores, collapsed={("student_w8", 1), "teacher", "teacher_h96"})
+    sweep = _sweep(tmp_path, runner)
+    rows = {r["config"]: r for r in sweep.run()}
+    assert sweep.gate.teacher == "teacher_h128" and sweep.gate.passed
+    assert sweep.gate.candidates["teacher"] is None and sweep.gate.candidates["teacher_h96"] is None
+    assert sweep.gate.excluded["teacher"] == "collapsed in 2 of 2 seeds"
+    # the best student is student_w16 (0.71): student_w8 (0.72) collapsed on seed 1
+    assert sweep.gate.best_student == "student_w16"
+    assert sweep.gate.excluded["student_w8"] == "collapsed in 1 of 2 seeds"
+    assert "best baseline student" in rows["student_w16"]["chosen"]
+    assert rows["student_w8"]["chosen"] == "" and rows["teacher"]["chosen"] == ""
+    assert rows["teacher_h128"]["chosen"] == "teacher"
+    assert (rows["student_w8"]["collapsed_runs"], rows["teacher"]["collapsed_runs"]) == (1, 2)
+    assert rows["student"]["collapsed_runs"] == 0
+    runs = {(r["name"], r["seed"]): r for r in _csv_rows(tmp_path / "out" / "runs.csv")}
+    assert runs[("student_w8", "1")]["collapsed"] == "True"
+    assert runs[("student_w8", "1")]["never_predicted"] == "quiet,breathe"
+    assert runs[("student_w8", "0")]["collapsed"] == "False"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| phase 1 | student_w8 | TinyCNN | 2/2 | **1/2** |" in md
+    assert "collapsed runs: 5 of 16 finished" in md and "student_w8 seed 1" in md
+
+
+def test_a_collapsed_baseline_is_never_a_baseline(tmp_path: Path) -> None:
+    scores = {**STUDENTS_WEAK, "teacher": (0.9, 0.9)}
+    runner = FakeRunner(scores, collapsed={("student", 0)})
+    sweep = _sweep(tmp_path, runner)
+    rows = {r["config"]: r for r in sweep.run()}
+    kd = {seed: _args(argv) for name, seed, argv in runner.calls if name == "kd_a0.3"}
+    assert "model.init_args.baseline_f1" not in kd[0]  # seed 0's baseline collapsed
+    assert float(kd[1]["model.init_args.baseline_f1"]) == pytest.approx(0.701)
+    runs = {(r["name"], r["seed"]): r for r in _csv_rows(tmp_path / "out" / "runs.csv")}
+    assert runs[("kd_a0.3", "0")]["gap_closed_reason"] == "baseline student seed 0 collapsed"
+    assert rows["kd_a0.3"]["gap_closed"] is None
+    assert rows["kd_a0.3"]["gap_closed_reason"] == "the baseline student collapsed in 1 of 2 seeds"
+
+
+def test_resume_refuses_runs_whose_data_fingerprint_or_code_version_changed(
+    tmp_path: Path,
+) -> None:
+    scores = {**STUDENTS_WEAK, "teacher": (0.9, 0.9)}
+    first = FakeRunner(scores)
+    _sweep(tmp_path, first).run()
+    recorded = {r["data_fingerprint"] for r in _csv_rows(tmp_path / "out" / "runs.csv")}
+    assert recorded == {data_fingerprint_hash(first.data)}
+
+    # same config and seeds, other data (a rebuilt cache, a changed archive): nothing reused
     lines: list[str] = []
-    sweep = _sweep(tmp_path, FakeRunner(scores))
-    sweep.echo = lines.append
-    sweep.run()
-    assert sweep.gate.tuned and not sweep.gate.passed and sweep.gate.teacher == "teacher_h96"
-    assert any("no teacher meets the margin" in line for line in lines)
+    changed = FakeRunner(scores)
+    changed.data = {"train": {"cache_key": "k-train-v2", "rows": 1200}}
+    _sweep(tmp_path, changed, resume=True, echo=lines.append).run()
+    assert len(changed.calls) == 12
+    old, new = data_fingerprint_hash(first.data), data_fingerprint_hash(changed.data)
+    rerun = [line for line in lines if "re-running" in line]
+    assert len(rerun) == 12  # one line per run, saying what differed
+    assert f"[phase 1] re-running student seed 0: data fingerprint {old} -> {new}" in rerun
+    rows = _csv_rows(tmp_path / "out" / "runs.csv")
+    assert {r["data_fingerprint"] for r in rows} == {new}
+
+    # another commit, or the same one with local changes: nothing reused either
+    code = FakeRunner(scores)
+    code.data, code.git = changed.data, {**changed.git, "dirty": True}
+    lines.clear()
+    _sweep(tmp_path, code, resume=True, echo=lines.append).run()
+    assert len(code.calls) == 12
+    assert f"code version {'a' * 12} -> {'a' * 12}+dirty" in lines[1]
+    summary = {r["config"]: r for r in _csv_rows(tmp_path / "out" / "summary.csv")}
+    assert summary["student"]["code_version"] == "a" * 12 + "+dirty"
+    assert summary["student"]["data_fingerprint"] == new
+
+    # all four match: everything is reused, nothing re-run
+    same = FakeRunner(scores)
+    same.data, same.git = code.data, code.git
+    lines.clear()
+    _sweep(tmp_path, same, resume=True, echo=lines.append).run()
+    assert same.calls == [] and not [line for line in lines if "re-running" in line]
 
 
 def test_resume_skips_finished_runs_and_retrains_changed_ones(tmp_path: Path) -> None:
@@ -386,6 +621,18 @@ def test_summary_aggregates_seeds_and_chooses_on_validation_only(tmp_path: Path)
     assert len(runs) == 2 * 6
 
 
+def test_the_data_probe_agrees_with_a_finished_run_and_sees_other_data(tmp_path: Path) -> None:
+    """What resume compares: a real run's recorded fingerprint and the probe's, now."""
+    argv = ["fit", *tiny_args(tmp_path, "--trainer.max_epochs", "1")]
+    fit = main(argv)
+    recorded = json.loads((Path(fit.trainer.log_dir) / "data_fingerprint.json").read_text())
+    assert data_fingerprint_now(argv) == data_fingerprint_hash(recorded)
+    # the same configuration once its caches are gone (rebuilt, or a changed archive's
+    # new cache key) is other data
+    (tmp_path / "cache").rename(tmp_path / "cache_old")
+    assert data_fingerprint_now(argv) not in (None, data_fingerprint_hash(recorded))
+
+
 # -- statistics ---------------------------------------------------------------------------------
 
 
@@ -440,7 +687,7 @@ def test_bootstrap_interval_brackets_the_point_and_shrinks_with_more_clips() -> 
 
 
 @pytest.mark.slow
-def test_tiny_real_sweep_end_to_end(tmp_path: Path) -> None:
+def test_tiny_real_sweep_end_to_end(tmp_path: Path, capsys) -> None:
     """Real subprocess runs on a tiny synthetic corpus: baselines, tuning, KD, summary."""
     data = tmp_path / "tiny_data.yaml"
     data.write_text(
@@ -503,40 +750,66 @@ def test_tiny_real_sweep_end_to_end(tmp_path: Path) -> None:
     manifest = tmp_path / "tiny.yaml"
     manifest.write_text(yaml.safe_dump(raw))
     out = tmp_path / "sweep"
-    code = sweep_main(["--manifest", str(manifest), "--out", str(out)])
+    args = ["--manifest", str(manifest), "--out", str(out)]
+    # the margin is not met: phase 2 runs only because the command line asks
+    code = sweep_main([*args, "--distil_anyway", "true"])
     runs = list(_csv_rows(out / "runs.csv"))
     assert [(r["name"], r["status"]) for r in runs] == [
         ("tinycnn", "ok"), ("crnn", "ok"), ("crnn_h16", "ok"), ("kd", "ok")
     ], [r["note"] for r in runs]  # fmt: skip
     assert code == 0
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["tuned"] is True and not gate["passed"] and gate["phase2"] == "runs"
+    assert "--distil_anyway true" in gate["phase2_reason"]
+    assert "phase 2 runs: " in (out / "summary.md").read_text()
     kd_dir = out / "runs" / "kd" / "seed0"
     metrics = json.loads((kd_dir / "metrics.json").read_text())
     assert metrics["test"]["test/f1_macro"] is not None
-    assert metrics["extras"]["alpha"] == 0.5 and metrics["extras"]["compression_ratio"] > 1
-    assert metrics["extras"]["gap_closed"] is not None  # baseline and teacher scores were passed
+    extras = metrics["extras"]
+    assert extras["alpha"] == 0.5 and extras["compression_ratio"] > 1
+    # baseline and teacher scores were passed: a gap, or the reason there is none
+    assert (extras["gap_closed"] is None) != (extras["gap_closed_reason"] is None)
+    for run in runs:  # collapse and provenance, as the run's own files say
+        run_dir = Path(run["run_dir"])
+        collapse = json.loads((run_dir / "metrics.json").read_text())["collapse"]
+        flagged = collapse["test"]["collapsed"] or collapse["val"]["collapsed"]
+        assert run["collapsed"] == str(flagged)
+        fingerprint = json.loads((run_dir / "data_fingerprint.json").read_text())
+        assert set(fingerprint) == {"train", "validation", "test"}
+        assert run["data_fingerprint"] == data_fingerprint_hash(fingerprint)
+        assert run["git_commit"] == str(json.loads((run_dir / "git.json").read_text())["commit"])
     board = list(_csv_rows(out / "leaderboard.csv"))
     assert len(board) == 4 and board[-1]["alpha"] == "0.5" and board[-1]["test_f1_macro"]
+    assert [b["data_fingerprint"] for b in board] == [r["data_fingerprint"] for r in runs]
+    assert [b["git_commit"] for b in board] == [r["git_commit"] for r in runs]
     # the stored predictions reproduce the logged test macro-F1
-    point, low, high = bootstrap_macro_f1(
-        [
-            tuple(
-                np.loadtxt(
-                    kd_dir / "test_predictions.csv",
-                    delimiter=",",
-                    skiprows=1,
-                    usecols=(1, 2),
-                    dtype=int,
-                ).T
-            )
-        ],
-        3,
-        resamples=100,
-    )
+    with open(kd_dir / "test_predictions.csv", newline="") as f:
+        stored = [(int(r["target"]), int(r["pred"])) for r in csv.DictReader(f)]
+    target, pred = (np.array(column) for column in zip(*stored, strict=True))
+    point, low, high = bootstrap_macro_f1([(target, pred)], 3, resamples=100)
     assert point == pytest.approx(metrics["test"]["test/f1_macro"], abs=1e-5)
     summary = {r["config"]: r for r in _csv_rows(out / "summary.csv")}
     assert set(summary) == {"tinycnn", "crnn", "crnn_h16", "kd"}
-    assert json.loads((out / "gate.json").read_text())["tuned"] is True
-    # resume: nothing to retrain
-    assert sweep_main(["--manifest", str(manifest), "--out", str(out), "--resume", "true"]) == 0
-    records = [json.loads(p.read_text()) for p in out.glob("runs/*/seed0/sweep_run.json")]
-    assert len(records) == 4
+    assert (
+        float(summary["kd"]["test_f1_ci_low"]) <= point <= float(summary["kd"]["test_f1_ci_high"])
+    )
+
+    # resume: the data probe and the code version agree with every run's record
+    assert sweep_main([*args, "--resume", "true", "--distil_anyway", "true"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-running" not in printed and printed.count("(resumed)") == 4
+
+    # the same configuration over other data (here: the caches are gone) is never reused
+    (tmp_path / "cache").rename(tmp_path / "cache_old")
+    calls: list[str] = []
+
+    def refuse(run: Run, argv: list[str], run_dir: Path, log_path: Path) -> int:
+        calls.append(run.name)
+        return 1
+
+    lines: list[str] = []
+    before = runs[0]["data_fingerprint"]
+    Sweep(load_manifest(manifest), out, resume=True, runner=refuse, echo=lines.append).run()
+    assert calls == ["tinycnn", "crnn", "crnn_h16"]  # phase 2 has no teacher left
+    rerun = [line for line in lines if "re-running" in line]
+    assert len(rerun) == 3 and all(f"data fingerprint {before} -> " in line for line in rerun)

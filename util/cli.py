@@ -23,12 +23,15 @@ from models.classifier import Classifier
 from models.compatibility import IncompatibleError, check_compatible
 from models.task import MODE, MONITOR, Task
 from util.callbacks import (
+    Calibration,
     ConfusionMatrixLogger,
     HParamsSummary,
     LatencyProfiler,
+    Leaderboard,
     LearningRates,
     NightWriter,
     PredictEngine,
+    Provenance,
     RunArtifacts,
 )
 from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
@@ -51,7 +54,10 @@ ALWAYS_ON = {
     "confusion": ConfusionMatrixLogger,
     "latency": LatencyProfiler,
     "artifacts": RunArtifacts,
+    "provenance": Provenance,
+    "leaderboard": Leaderboard,
     "night": NightWriter,
+    "calibration": Calibration,
     "lr_monitor": LearningRates,
     "hparams": HParamsSummary,
     "predict_engine": PredictEngine,
@@ -115,6 +121,20 @@ class EarSleepCLI(LightningCLI):
             self.model.check_ready()
         self._check_checkpoint_data()  # a resumed fit
         prepare_outputs(self.trainer, "fit", self.datamodule)
+
+    def after_fit(self) -> None:
+        """Say in one line when early stopping, not ``max_epochs``, ended the run."""
+        stopper = self.trainer.early_stopping_callback
+        if stopper is None or not stopper.stopped_epoch or not self.trainer.is_global_zero:
+            return
+        best = self.trainer.checkpoint_callback
+        score = best.best_model_score if best is not None else None
+        print(
+            f"early stopping ended the run after epoch {stopper.stopped_epoch}: {MONITOR} did "
+            f"not improve for {stopper.patience} epochs"
+            + (f" (best {float(score):.4f})" if score is not None else ""),
+            file=sys.stderr,
+        )
 
     def before_validate(self) -> None:
         """Check a ``--ckpt_path`` against the data; claim the run folder; check the outputs."""

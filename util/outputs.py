@@ -153,7 +153,7 @@ def prepare_outputs(trainer: pl.Trainer, stage: str, datamodule: Any = None) -> 
     Raises:
         OutputError: a location cannot be written.
     """
-    from util.callbacks import NightWriter, RunArtifacts  # the callbacks sit beside this module
+    from util.callbacks import Leaderboard, NightWriter  # the callbacks sit beside this module
 
     if not is_launching_process():
         return
@@ -164,8 +164,8 @@ def prepare_outputs(trainer: pl.Trainer, stage: str, datamodule: Any = None) -> 
         if stage == "fit" and dirpath and "://" not in str(dirpath):
             check_writable(dirpath, "--checkpoint.dirpath")
     for cb in trainer.callbacks:
-        if isinstance(cb, RunArtifacts) and cb.leaderboard and stage != "predict":
-            check_writable_file(cb.leaderboard, "--artifacts.leaderboard")
+        if isinstance(cb, Leaderboard) and cb.path and stage != "predict":
+            check_writable_file(cb.path, "--leaderboard.path")
         nights = getattr(datamodule, "predict_audio", None) is not None
         if isinstance(cb, NightWriter) and stage == "predict" and nights:
             check_writable(cb.output_dir, "--night.output_dir")

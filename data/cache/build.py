@@ -89,6 +89,7 @@ def build_cache(
     classes = check_classes(source, classes)
     if batch_size < 1 or checkpoint_every < 1:
         raise ValueError("batch_size and checkpoint_every must be at least 1")
+    source.use_clip_seconds(front_end.clip_samples / front_end.sample_rate)
     fingerprint = source.fingerprint(split)
     payload = key_payload(source, split, front_end, classes, min_duration_s, fingerprint)
     key = json_sha256(payload)

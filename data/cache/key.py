@@ -48,6 +48,7 @@ def key_payload(
     fingerprint: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything the cache key hashes: a change to any of it gives a new cache."""
+    source.use_clip_seconds(front_end.clip_samples / front_end.sample_rate)
     return {
         "format_version": FORMAT_VERSION,
         "split": split,

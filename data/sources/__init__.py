@@ -4,8 +4,8 @@ Every source honours the clip contract of :mod:`data.sources.base`. The writer o
 synthetic corpus as DreamCatcher tarballs is :mod:`data.fixtures`.
 """
 
-from data.sources.audiofolder import AudioFolder
-from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, SkippedClip, Source
+from data.sources.audiofolder import AudioFolder, DerivedSplits
+from data.sources.base import DREAMCATCHER_LABELS, SPLITS, Clip, Segment, SkippedClip, Source
 from data.sources.dreamcatcher import ArchiveError, DatasetAccessError, DreamCatcher
 from data.sources.hub import HubAudioDataset
 from data.sources.synthetic import Synthetic
@@ -17,8 +17,10 @@ __all__ = [
     "AudioFolder",
     "Clip",
     "DatasetAccessError",
+    "DerivedSplits",
     "DreamCatcher",
     "HubAudioDataset",
+    "Segment",
     "SkippedClip",
     "Source",
     "Synthetic",

@@ -2,7 +2,8 @@
 
 ``datasets`` decodes audio with torchcodec and a system FFmpeg since version 4;
 this source never asks it to: the audio column is cast to ``Audio(decode=False)``
-and its bytes are decoded with soundfile (:func:`data.audio.decode`).
+and its bytes are decoded with soundfile (:func:`data.audio.decode`), in any format
+soundfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF...).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from data.audio import AudioDecodeError, decode
 from data.hashing import head_tail_digest, lines_sha256
-from data.sources.base import SPLITS, Clip, SkippedClip, Source
+from data.sources.base import SPLITS, Clip, Segment, SkippedClip, Source, Windowing
 from data.sources.dreamcatcher import _TOKEN_REFUSED
 
 _BATCH = 256
@@ -30,9 +31,12 @@ class HubAudioDataset(Source):
     ``train/0.parquet``...). Labels are the names of a ``ClassLabel`` column, or the
     values of a string column (any other value is used as its ``str``); a missing
     label (``None`` or ``-1``) is skipped with reason ``unknown_label``, audio
-    soundfile cannot decode with reason ``corrupt``. ``clip_id`` is
+    soundfile cannot decode (in any format) with reason ``corrupt``. ``clip_id`` is
     ``<dataset split>/<row index>``, followed by ``/<file name>`` when the audio
-    records one.
+    records one. With ``segment`` each row's audio is one recording cut into windows
+    of the front end's clip length (see :class:`~data.sources.base.Segment`), whose
+    ids add ``#t=<start seconds>`` (``train/7/night.flac#t=12.50``); a row's windows
+    stay in the row's split.
 
     Args:
         path: hub dataset id or local folder of parquet files.
@@ -41,6 +45,8 @@ class HubAudioDataset(Source):
         splits: our split name -> the dataset's split name (default: the same
             names, ``train``, ``validation``, ``test``).
         revision: hub commit, branch or tag (hub datasets only).
+        segment: cut each row's audio into clip-length windows, e.g. ``{hop_s: 0.5,
+            min_s: 0.25}``; ``None`` (default) yields each row as one clip.
         token: not accepted: a token given here would be saved with the run's
             config (config.yaml); the hub token comes from ``HF_TOKEN`` or the saved
             login (``hf auth login``). Any value is refused with a message saying so.
@@ -59,6 +65,7 @@ class HubAudioDataset(Source):
         splits: dict[str, str] | None = None,
         revision: str | None = None,
         token: str | None = None,
+        segment: Segment | None = None,
     ) -> None:
         self.path = path
         self.audio_column = audio_column
@@ -67,6 +74,8 @@ class HubAudioDataset(Source):
         if token is not None:
             raise ValueError(_TOKEN_REFUSED.format(source="HubAudioDataset"))
         self.revision = revision
+        self.windowing = Windowing(segment, "HubAudioDataset")
+        self.segment = self.windowing.segment
         self._local = Path(path).is_dir()
         self._datasets: dict[str, Any] = {}
         self._labels: tuple[str, ...] | None = None
@@ -88,8 +97,14 @@ class HubAudioDataset(Source):
             self._labels = tuple(sorted(names))
         return self._labels
 
+    def use_clip_seconds(self, seconds: float) -> None:
+        """Make windows ``seconds`` long (the front end's clip length; see ``segment``)."""
+        self.windowing.use_clip_seconds(seconds)
+
     def iter_clips(self, split: str) -> Iterator[Clip | SkippedClip]:
-        """Yield every row of ``split`` in the dataset's row order."""
+        """Yield every row (or window of a row) of ``split`` in the dataset's row order."""
+        if self.segment is not None:
+            _ = self.windowing.window_s  # fails before any reading when the length is unknown
         ds = self._dataset(split)
         ds_split = self.splits[split]
         names = _class_names(ds.features[self.label_column])
@@ -113,7 +128,7 @@ class HubAudioDataset(Source):
                 except AudioDecodeError as err:
                     yield SkippedClip(clip_id, split, label, err.reason)
                     continue
-                yield Clip(waveform, sr, label, clip_id, split)
+                yield from self.windowing.cut(Clip(waveform, sr, label, clip_id, split))
 
     def fingerprint(self, split: str) -> dict[str, str]:
         """Local: size and head/tail hash of each parquet file. Hub: ``datasets``' fingerprint."""
@@ -124,6 +139,7 @@ class HubAudioDataset(Source):
             "dataset_split": ds_split,
             "audio_column": self.audio_column,
             "label_column": self.label_column,
+            **self.windowing.fingerprint(),
         }
         if self._local:
             files = self._local_files(ds_split)
@@ -142,8 +158,8 @@ class HubAudioDataset(Source):
         }
 
     def size_hint(self, split: str) -> int | None:
-        """Number of rows of ``split``."""
-        return len(self._dataset(split))
+        """Number of rows of ``split``; unknown (``None``) with ``segment`` until read."""
+        return len(self._dataset(split)) if self.segment is None else None
 
     # -- loading --------------------------------------------------------------------
 

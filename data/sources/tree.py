@@ -2,8 +2,9 @@
 
 Shared by the sources that read folders (:class:`~data.sources.audiofolder.AudioFolder`,
 an extracted :class:`~data.sources.dreamcatcher.DreamCatcher`): the split and the label
-come from the folders above a file, and every file under a split folder is either
-read or skipped with a reason, never passed over.
+come from the folders above a file (:func:`place_files`), or the label alone when the
+source derives the splits itself (:func:`label_files`), and every file is either read
+or skipped with a reason, never passed over.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ class TreeFile:
         rel: its path relative to the tree's root (``/``-separated): the ``clip_id``.
         path: its path.
         split: the split whose folder holds it.
-        label: the folder directly above it when it sits at ``<split>/<label>/<file>``,
-            else the folder below the split folder (or ``""``).
+        label: the folder below the split folder (or ``""`` for a file directly in it).
         reason: ``None`` when it is to be read as a clip, else the skip reason:
             ``misspelled_split`` (``Train/``), ``misplaced`` (not at
-            ``<split>/<label>/<file>``) or ``not_audio`` (another file suffix).
+            ``<split>/<label>/<file>``, or not below a label folder when the tree is
+            read recursively) or ``not_audio`` (another file suffix).
     """
 
     rel: str
@@ -40,15 +41,17 @@ class TreeFile:
 
 
 def place_files(
-    root: Path, suffixes: tuple[str, ...], top_level: bool
+    root: Path, suffixes: tuple[str, ...], top_level: bool, recursive: bool = False
 ) -> tuple[dict[str, list[TreeFile]], list[str]]:
     """Place every file under ``root`` in a split, or list it as outside every split.
 
     A file belongs to the split named by the nearest folder above it whose name is a
     split's in any letter case (``top_level``: only the first folder below ``root``
     counts). It is read when that folder is spelled exactly, the file sits at
-    ``<split>/<label>/<file>`` and its name ends in one of ``suffixes`` (any case);
-    otherwise it gets a skip reason, so no file under a split is passed over unseen.
+    ``<split>/<label>/<file>`` (``recursive``: anywhere below ``<split>/<label>/``, the
+    label still the folder directly below the split's) and its name ends in one of
+    ``suffixes`` (any case); otherwise it gets a skip reason, so no file under a split
+    is passed over unseen.
 
     Returns:
         per split, its files sorted by ``rel``; and the ``rel`` of every file that is
@@ -73,7 +76,7 @@ def place_files(
             label = parts[k + 1] if k + 1 < n - 1 else ""
             if parts[k] != split:
                 reason: str | None = "misspelled_split"
-            elif k != n - 3:
+            elif k > n - 3 or (k != n - 3 and not recursive):
                 reason = "misplaced"
             elif not fname.lower().endswith(suffixes):
                 reason = "not_audio"
@@ -83,6 +86,32 @@ def place_files(
     for files in placed.values():
         files.sort(key=lambda f: f.rel)
     return placed, sorted(outside)
+
+
+def label_files(root: Path, suffixes: tuple[str, ...]) -> list[TreeFile]:
+    """Every file of a tree laid out as ``<root>/<label>/**/<file>``, sorted, split unset.
+
+    For a source that derives the splits itself: the label is the folder directly
+    below ``root``; a file directly in ``root`` is ``misplaced``, one whose name ends in
+    none of ``suffixes`` is ``not_audio``. ``split`` is ``""`` until the source sets it.
+    """
+    files: list[TreeFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        for fname in sorted(filenames):
+            path = here / fname
+            rel = path.relative_to(root).as_posix()
+            parts = rel.split("/")
+            if len(parts) < 2:
+                reason: str | None = "misplaced"
+            elif not fname.lower().endswith(suffixes):
+                reason = "not_audio"
+            else:
+                reason = None
+            files.append(TreeFile(rel, path, "", parts[0] if len(parts) > 1 else "", reason))
+    files.sort(key=lambda f: f.rel)
+    return files
 
 
 def read_tree_file(file: TreeFile, labels: Collection[str] | None = None) -> Clip | SkippedClip:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,20 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from data.malloc import keep_heap_flat
-from util.night.events import (
-    PostProcessing,
-    detect_events,
-    median_filter,
-    window_bounds,
-    write_events_csv,
+from util.checkpoint import read_checkpoint
+from util.night.calibrate import load_calibration
+from util.night.events import PostProcessing
+from util.night.rederive import (
+    INDEX_COLUMNS,
+    PROBABILITIES_FILE,
+    WindowProbabilities,
+    check_class_names,
+    index_row,
+    thresholds_source,
+    write_outputs,
+    write_probabilities,
 )
-from util.night.plot import plot_timeline
-from util.night.summary import model_identity, summarize
+from util.night.summary import console_line, model_identity
 
 __all__ = ["NightWriter"]
 
@@ -33,19 +37,6 @@ log = logging.getLogger(__name__)
 
 #: What the writer does unless told otherwise (frozen, so one instance serves every writer).
 DEFAULT_POSTPROCESSING = PostProcessing()
-
-#: Columns of ``recordings.csv``, one row per recording of the run.
-INDEX_COLUMNS = (
-    "recording",
-    "status",
-    "output",
-    "duration_h",
-    "snore_minutes",
-    "snore_episodes",
-    "snore_episodes_per_hour",
-    "longest_snore_free_min",
-    "message",
-)
 
 
 class _Open:
@@ -91,17 +82,37 @@ class NightWriter(BasePredictionWriter):
     data worker) and, when a recording's last window arrives, post-processed as
     described in :mod:`util.night.events` and written to ``<output_dir>/<stem>/``:
 
+    * ``probabilities.parquet``: every window's start and end and class
+      probabilities, with what re-deriving needs (:mod:`util.night.rederive`:
+      ``python -m util.night.rederive <output_dir> --postprocessing.on_threshold 0.45``
+      writes the files below again, with other post-processing, without the model);
     * ``events.csv``: ``start_s,end_s,label,mean_prob``;
-    * ``summary.json``: length, minutes per class, snore episodes and episodes per
-      hour, longest snore-free stretch, input repairs, the model's identity
-      (backbone, checkpoint path and sha256 prefix, classes, feature config hash)
-      and the post-processing used;
-    * ``timeline.png``: class probabilities over the night with event bands.
+    * ``summary.json``: length, minutes per class, snore episodes (and episodes per
+      hour, for recordings of an hour or more), longest snore-free stretch, input
+      repairs, the model's identity (backbone, checkpoint path and sha256 prefix,
+      classes, feature config hash), the post-processing used and where it came
+      from, and warnings;
+    * ``timeline.png``: class probabilities over the recording with event bands.
 
     ``<output_dir>/recordings.csv`` lists every recording with its status, and
     ``<output_dir>/errors.json`` every recording that failed or was only partly
     read (unreadable, zero-length, truncated, too short, too many channels), with
     the reason; a failure is also logged and never stops the other recordings.
+    When prediction ends, one line per recording goes to the console
+    (:func:`util.night.summary.console_line`), with a warning where the snore events
+    and the time snore is the top class disagree (:func:`util.night.summary.snore_warning`).
+
+    Thresholds calibrated on validation travel in the checkpoint (key
+    ``earsleep_postprocessing``, written at the end of ``fit`` by
+    :class:`util.callbacks.Calibration` or by ``python -m util.night.calibrate``). At
+    predict start the writer reads them from ``trainer.ckpt_path`` (weights-only) and
+    uses them for every calibrated field (``on_threshold``, ``off_threshold``) the user
+    left at :class:`util.night.PostProcessing`'s default: a field that differs from the
+    default was set in a config or on the command line, and wins. To use a default value
+    over the calibrated one, pass ``--night.use_calibration false``. ``summary.json``'s
+    ``postprocessing.source`` (and the console line's ``thresholds:``) says which:
+    ``calibrated on validation (800 clips, snore F1 0.71 at on 0.45/off 0.35)``, with
+    ``; options: <fields>`` when the user set others, or ``defaults`` / ``options``.
 
     What the writer reads from the model: ``class_names`` (the column of each
     probability) and ``backbone`` (its class name goes into the summary), the
@@ -115,6 +126,8 @@ class NightWriter(BasePredictionWriter):
             one per class (``--night.postprocessing.min_duration_s "{snore: 5.0,
             default: 3.0}"``).
         snore_label: the class whose episodes the summary counts.
+        use_calibration: use the thresholds calibrated on validation that the checkpoint
+            holds (when it holds them) for every threshold not set in ``postprocessing``.
         plot: write ``timeline.png``.
         plot_points: most time bins in the plot (the night is averaged into them).
     """
@@ -124,6 +137,7 @@ class NightWriter(BasePredictionWriter):
         output_dir: str = "predictions",
         postprocessing: PostProcessing = DEFAULT_POSTPROCESSING,
         snore_label: str = "snore",
+        use_calibration: bool = True,
         plot: bool = True,
         plot_points: int = 1600,
     ) -> None:
@@ -131,6 +145,7 @@ class NightWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.postprocessing = postprocessing
         self.snore_label = snore_label
+        self.use_calibration = use_calibration
         self.plot = plot
         self.plot_points = int(plot_points)
         self._reset()
@@ -141,6 +156,10 @@ class NightWriter(BasePredictionWriter):
         self._errors: list[dict[str, Any]] = []
         self._stems: set[str] = set()
         self._identity: dict[str, Any] | None = None
+        self._lines: list[str] = []
+        #: The post-processing in use (``postprocessing`` with the calibrated thresholds).
+        self._postprocessing = self.postprocessing
+        self._source = thresholds_source(self.postprocessing)
 
     # -- Lightning hooks ----------------------------------------------------------
 
@@ -150,7 +169,8 @@ class NightWriter(BasePredictionWriter):
         # are computed too (no DataLoader workers), RecordingWindows raises it to 8 MB.
         keep_heap_flat(1 << 20)
         # Fail before hours of inference, not after.
-        self.postprocessing.check(pl_module.class_names)
+        self._postprocessing, self._source = self._choose(trainer, list(pl_module.class_names))
+        check_class_names(pl_module.class_names)
 
     def write_on_batch_end(
         self,
@@ -191,6 +211,8 @@ class NightWriter(BasePredictionWriter):
             w.writeheader()
             w.writerows(self._rows)
         (self.output_dir / f"errors{suffix}.json").write_text(json.dumps(self._errors, indent=2))
+        for line in self._lines:  # after the progress bar, one line per recording
+            rank_zero_info(line)
         failed = sum(1 for r in self._rows if r["status"] != "ok")
         rank_zero_info(
             f"night: {len(self._rows)} recording(s) written to {self.output_dir}"
@@ -210,13 +232,12 @@ class NightWriter(BasePredictionWriter):
         status = info.get("status", "ok")
         message = info.get("error")
         class_names = list(pl_module.class_names)
-        pp = self.postprocessing
-        row: dict[str, Any] = dict.fromkeys(INDEX_COLUMNS, "")
-        row.update(recording=key, status=status, message=message or "")
         if message:
             log.error("night: %s", message)
             self._errors.append({"recording": key, "status": status, "error": message})
         if status == "error":
+            row = dict.fromkeys(INDEX_COLUMNS, "")
+            row.update(recording=key, status=status, message=message or "")
             self._rows.append(row)
             return
         probs = rec.result(key) if rec.count else np.zeros((0, len(class_names)), np.float32)
@@ -225,79 +246,57 @@ class NightWriter(BasePredictionWriter):
                 f"{key}: predictions have {probs.shape[1]} columns for classes {class_names}"
             )
         hop_s = float(info.get("hop_s", 0.5))
-        window_s = float(info.get("window_s", 1.0))
-        duration_s = float(info.get("duration_s", len(probs) * hop_s))
-        bounds = window_bounds(len(probs), hop_s, window_s, duration_s)
-        smoothed = median_filter(probs, pp.median_windows)
-        events = detect_events(probs, class_names, bounds, pp, smoothed=smoothed)
         if self._identity is None:
             self._identity = model_identity(
                 pl_module, trainer.ckpt_path, info.get("feature_config_hash")
             )
+        night = WindowProbabilities(
+            probs=probs,
+            class_names=class_names,
+            hop_s=hop_s,
+            window_s=float(info.get("window_s", 1.0)),
+            duration_s=float(info.get("duration_s", len(probs) * hop_s)),
+            recording=key,
+            status=status,
+            message=message,
+            input={k: info.get(k) for k in _INPUT_FACTS},
+            model={**self._identity, "feature_config": info.get("feature_config")},
+            postprocessing=self._postprocessing,
+            postprocessing_source=self._source,
+            snore_label=self.snore_label,
+        ).normalized()  # as the file reads back: re-deriving from it gives the same bytes
         out = self._folder(key)
         out.mkdir(parents=True, exist_ok=True)
-        numbers = summarize(events, smoothed, class_names, bounds, duration_s, pp, self.snore_label)
-        summary = {
-            "recording": key,
-            "status": status,
-            "message": message,
-            **numbers,
-            "window_s": window_s,
-            "hop_s": hop_s,
-            "input": {
-                k: info.get(k)
-                for k in (
-                    "source_sample_rate",
-                    "source_channels",
-                    "source_format",
-                    "source_duration_s",
-                    "sample_rate",
-                    "nonfinite_samples",
-                    "repairs",
-                )
-            },
-            "model": {**self._identity, "feature_config": info.get("feature_config")},
-            "files": {"events": "events.csv", "summary": "summary.json", "timeline": None},
-        }
-        write_events_csv(events, out / "events.csv")
-        if self.plot and len(probs):
-            snore = numbers["snore"]
-            title = f"{Path(key).name}  ·  {_hours(duration_s)}"
-            if snore.get("episodes") is not None:
-                title += (
-                    f"  ·  {self.snore_label}: {snore['minutes']:.0f} min in {snore['episodes']} "
-                    f"episodes ({snore['episodes_per_hour']:.1f}/h), longest free stretch "
-                    f"{snore['longest_snore_free_min']:.0f} min"
-                )
-            plot_timeline(
-                out / "timeline.png",
-                smoothed,
-                bounds,
-                events,
-                class_names,
-                title=title,
-                background=pp.background,
-                max_points=self.plot_points,
-            )
-            summary["files"]["timeline"] = "timeline.png"
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-        snore = numbers["snore"]
-        row.update(
-            output=str(out),
-            duration_h=f"{numbers['duration_h']:.3f}",
-            snore_minutes=_fmt(snore.get("minutes")),
-            snore_episodes=_fmt(snore.get("episodes")),
-            snore_episodes_per_hour=_fmt(snore.get("episodes_per_hour")),
-            longest_snore_free_min=_fmt(snore.get("longest_snore_free_min")),
+        write_probabilities(out / PROBABILITIES_FILE, night)
+        summary = write_outputs(
+            out, night, night.postprocessing, self._source, self.plot, self.plot_points
         )
-        self._rows.append(row)
-        if snore.get("episodes_per_hour") is not None:
-            rank_zero_info(
-                f"night: {key}: {_hours(duration_s)}, {self.snore_label} {snore['minutes']:.1f} min "
-                f"in {snore['episodes']} episodes ({snore['episodes_per_hour']:.2f}/h) -> {out}"
-            )
-        else:
-            rank_zero_info(f"night: {key}: {_hours(duration_s)}, {len(events)} events -> {out}")
+        self._rows.append(index_row(summary, out))
+        self._lines.append(console_line(summary, out))
+
+    def _choose(self, trainer: pl.Trainer, class_names: list[str]) -> tuple[PostProcessing, str]:
+        """The post-processing to use and where it came from (see the class's docstring)."""
+        given = self.postprocessing
+        path = getattr(trainer, "ckpt_path", None)  # no trainer: a writer tested alone
+        calibration = None
+        if self.use_calibration and path and Path(path).is_file():
+            what = f"--ckpt_path {path}"
+            calibration = load_calibration(read_checkpoint(path, what=what), what=what)
+        if calibration is not None:
+            merged, used, user = calibration.apply(given)
+            if used:
+                try:
+                    merged.check(class_names)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{err}: {' and '.join(used)} from the checkpoint's calibration, "
+                        f"{', '.join(user)} from the options; give both thresholds, or pass "
+                        "--night.use_calibration false"
+                    ) from err
+                source = calibration.source(self.snore_label)
+                return merged, source + (f"; options: {', '.join(user)}" if user else "")
+        given.check(class_names)
+        return given, thresholds_source(given)
 
     def _folder(self, key: str) -> Path:
         """``<output_dir>/<stem>``, with ``-2``, ``-3``... when a stem repeats in one run."""
@@ -310,20 +309,13 @@ class NightWriter(BasePredictionWriter):
         return self.output_dir / name
 
 
-def _hours(seconds: float) -> str:
-    minutes = int(round(seconds / 60.0))
-    return f"{minutes // 60} h {minutes % 60:02d} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+#: The input facts of ``RecordingWindows``' info that the summary keeps.
+_INPUT_FACTS = (
+    "source_sample_rate",
+    "source_channels",
+    "source_format",
+    "source_duration_s",
+    "sample_rate",
+    "nonfinite_samples",
+    "repairs",
+)

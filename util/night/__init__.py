@@ -3,12 +3,24 @@
 - :mod:`util.night.events`: :class:`PostProcessing` (median, hysteresis, merging,
   minimum duration, one event at a time), :func:`detect_events`, the events CSV;
 - :mod:`util.night.summary`: :func:`summarize` (minutes per class, snore episodes,
-  longest snore-free stretch) and :func:`model_identity`;
-- :mod:`util.night.plot`: :func:`plot_timeline`, the PNG of a night;
-- :mod:`util.night.scoring`: :func:`evaluate_events`, event-based precision, recall, F1;
+  longest snore-free stretch; episodes per hour from an hour on), :func:`model_identity`,
+  and the words: :func:`format_duration`, :func:`console_line`, :func:`snore_warning`;
+- :mod:`util.night.plot`: :func:`plot_timeline`, the PNG of a recording, its time axis
+  fitted to the length (:func:`time_axis`);
+- :mod:`util.night.scoring`: :func:`evaluate_events`, event- and segment-based precision,
+  recall, F1 and error rate (sed_eval, DCASE collars);
 - :mod:`util.night.generate`: a synthetic night and its ground truth
   (``python -m util.night.generate --hours 8 --out night.wav``); not imported here, so
-  that running it as a module finds it unloaded.
+  that running it as a module finds it unloaded;
+- :mod:`util.night.rederive`: the ``probabilities.parquet`` every recording gets
+  (:class:`~util.night.rederive.WindowProbabilities`, ``write_probabilities``,
+  ``read_probabilities``), the outputs derived from it (``write_outputs``), and
+  ``python -m util.night.rederive``, which derives them again with other
+  post-processing, without the model; not imported here either, for the same reason;
+- :mod:`util.night.calibrate`: per-class on/off thresholds chosen on validation clips
+  (:func:`calibrate_thresholds`), stored in a checkpoint (:func:`store_calibration`,
+  :func:`load_calibration`) and ``python -m util.night.calibrate --ckpt_path X``; its
+  names are offered here but imported on first use, for the same reason.
 
 :class:`util.callbacks.NightWriter` applies these to every recording ``main.py predict``
 reads.
@@ -28,27 +40,64 @@ from util.night.events import (
     window_bounds,
     write_events_csv,
 )
-from util.night.plot import CLASS_COLOURS, plot_timeline
+from util.night.plot import CLASS_COLOURS, format_clock, plot_timeline, time_axis
 from util.night.scoring import evaluate_events
-from util.night.summary import format_clock, model_identity, summarize
+from util.night.summary import (
+    console_line,
+    format_duration,
+    model_identity,
+    snore_warning,
+    summarize,
+)
+
+#: Names of :mod:`util.night.calibrate`, imported when first asked for (see the docstring).
+_CALIBRATE = (
+    "CHECKPOINT_KEY",
+    "CalibratedThresholds",
+    "CalibrationError",
+    "best_threshold",
+    "calibrate_thresholds",
+    "load_calibration",
+    "store_calibration",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _CALIBRATE:
+        from util.night import calibrate
+
+        return getattr(calibrate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "CLASS_COLOURS",
     "EVENT_COLUMNS",
     "PER_CLASS_FIELDS",
+    "CalibratedThresholds",
+    "CalibrationError",
     "Event",
     "PerClass",
     "PostProcessing",
+    "best_threshold",
+    "calibrate_thresholds",
+    "console_line",
     "detect_events",
     "evaluate_events",
     "format_clock",
+    "format_duration",
     "hysteresis_runs",
+    "load_calibration",
     "median_filter",
     "model_identity",
     "plot_timeline",
     "read_events_csv",
     "resolve",
+    "snore_warning",
+    "store_calibration",
     "summarize",
+    "time_axis",
     "window_bounds",
     "write_events_csv",
 ]

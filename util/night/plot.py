@@ -1,15 +1,18 @@
-"""The timeline of a night: class probabilities over time, event lanes below, an ``hh:mm`` axis."""
+"""The timeline of a recording: class probabilities over time, event lanes below.
+
+The time axis fits the length (:func:`time_axis`): seconds under 2 minutes, ``mm:ss``
+under an hour, ``hh:mm`` beyond.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from util.night.events import Event
-from util.night.summary import format_clock
 
 #: Plot colours of the usual classes; others take the tab10 cycle.
 CLASS_COLOURS = {
@@ -22,12 +25,57 @@ CLASS_COLOURS = {
 }
 
 
-def _tick_step(duration_s: float) -> float:
-    """Seconds between labelled ticks: about 8 to 16 ticks over the recording."""
-    for step in (60, 120, 300, 600, 900, 1800, 3600, 7200):
-        if duration_s / step <= 16:
-            return float(step)
-    return 14400.0
+#: Seconds between labelled ticks to choose from, per axis unit.
+_STEPS = {
+    "s": (1, 2, 5, 10, 15, 20, 30),
+    "mm:ss": (10, 15, 30, 60, 120, 300, 600),
+    "hh:mm": (600, 900, 1800, 3600, 7200, 14400),
+}
+
+
+def format_clock(seconds: float, _pos: object = None) -> str:
+    """``hh:mm`` of elapsed seconds (the axis of recordings of an hour or more)."""
+    minutes = int(round(seconds / 60.0))
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def format_minutes(seconds: float, _pos: object = None) -> str:
+    """``mm:ss`` of elapsed seconds (the axis of recordings under an hour)."""
+    whole = int(round(seconds))
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
+def format_seconds(seconds: float, _pos: object = None) -> str:
+    """Elapsed seconds as a plain number (the axis of recordings under 2 minutes)."""
+    return f"{seconds:g}"
+
+
+def time_axis(duration_s: float) -> tuple[float, Callable[[float, object], str], str]:
+    """``(seconds between ticks, tick formatter, unit)`` for a recording of ``duration_s``.
+
+    Seconds under 2 minutes, ``mm:ss`` under an hour, ``hh:mm`` beyond; the step is the
+    smallest that gives at most 16 labelled ticks.
+    """
+    if duration_s < 120.0:
+        unit, formatter = "s", format_seconds
+    elif duration_s < 3600.0:
+        unit, formatter = "mm:ss", format_minutes
+    else:
+        unit, formatter = "hh:mm", format_clock
+    steps = _STEPS[unit]
+    step = next((s for s in steps if duration_s / s <= 16), steps[-1])
+    return float(step), formatter, unit
+
+
+def stack_fractions(probs: np.ndarray) -> np.ndarray:
+    """Rows scaled to add up to 1, so a stacked plot fills its height.
+
+    Each class's probability is median-filtered on its own, so the smoothed rows do not
+    add up to 1 and would leave white notches; rows of zeros stay zero.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    total = probs.sum(axis=1, keepdims=True)
+    return np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
 
 
 def plot_timeline(
@@ -42,11 +90,12 @@ def plot_timeline(
     figsize: tuple[float, float] = (16.0, 6.0),
     reference: Sequence[Event] | None = None,
 ) -> None:
-    """Save a PNG: class probabilities over the night, event bands below, an ``hh:mm`` axis.
+    """Save a PNG: class probabilities over the recording, event bands below.
 
     A night has tens of thousands of windows; they are averaged into at most
     ``max_points`` bins (the figure is about that many pixels wide) so every
-    stretch stays visible.
+    stretch stays visible. Each bin's probabilities are drawn stacked, scaled to add
+    up to 1 (:func:`stack_fractions`); the time axis fits the length (:func:`time_axis`).
 
     Args:
         path: the PNG to write.
@@ -84,9 +133,12 @@ def plot_timeline(
         if usable < n:  # the ragged tail is one more bin
             binned = np.vstack([binned, probs[usable:].mean(axis=0)])
             t = np.append(t, centres[usable:].mean())
+        # The first and last bins reach the recording's ends: no white strip at either edge.
+        t = np.concatenate([[bounds[0]], t, [bounds[-1]]])
+        binned = np.vstack([binned[:1], binned, binned[-1:]])
         ax.stackplot(
             t,
-            binned.T,
+            stack_fractions(binned).T,
             labels=list(class_names),
             colors=[colours[c] for c in class_names],
             linewidth=0,
@@ -99,7 +151,7 @@ def plot_timeline(
     else:
         ax.text(0.5, 0.5, "no windows", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("class probability\n(smoothed, stacked)")
+    ax.set_ylabel("class probability\n(smoothed, stacked to 1)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.002, 1.0), fontsize=9, frameon=False)
     ax.set_title(title, fontsize=11, loc="left")
     for i, label in enumerate(lanes):
@@ -117,10 +169,11 @@ def plot_timeline(
         lane_ax.set_ylabel("events\n(thin: truth)", fontsize=9)
     else:
         lane_ax.set_ylabel("events", fontsize=9)
+    step, formatter, unit = time_axis(duration)
     lane_ax.set_xlim(0, max(duration, 1.0))
-    lane_ax.xaxis.set_major_locator(MultipleLocator(_tick_step(duration)))
-    lane_ax.xaxis.set_major_formatter(FuncFormatter(format_clock))
-    lane_ax.set_xlabel("time since start of recording (hh:mm)")
+    lane_ax.xaxis.set_major_locator(MultipleLocator(step))
+    lane_ax.xaxis.set_major_formatter(FuncFormatter(formatter))
+    lane_ax.set_xlabel(f"time since start of recording ({unit})")
     for a in (ax, lane_ax):
         a.grid(axis="x", alpha=0.3)
     fig.tight_layout()

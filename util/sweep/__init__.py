@@ -4,28 +4,43 @@ Usage (from the repository root)::
 
     python -m util.sweep --manifest config/sweep/reference.yaml --dry_run true
     python -m util.sweep --manifest config/sweep/demo.yaml [--out log/sweeps/demo] [--resume true]
+    python -m util.sweep --manifest config/sweep/reference.yaml --distil_anyway true
 
 Flow:
 
 1. **phase 1** trains every baseline of the manifest for every seed.
 2. **gate**: the teacher (a phase-1 run, normally the CRNN) must beat the best
    student by at least ``margin`` in mean *validation* score
-   (:data:`models.task.MONITOR`, macro-F1). If it does not, the ``tuning`` runs train
-   first and the candidate with the best mean validation score (the original teacher
-   included) becomes the teacher.
+   (:data:`models.task.MONITOR`, macro-F1; 0.03 in the reference protocol). If it does
+   not, the ``tuning`` runs train first and the candidate with the best mean validation
+   score (the original teacher included) becomes the teacher. If that one still misses
+   the margin, phase 2 does **not** run, unless the manifest (``gate.on_fail: distil``)
+   or the command line (``--distil_anyway true``) says to distil anyway; ``gate.json``
+   and the summary say which it was and why.
 3. **phase 2** distils each student of the grid from that teacher, seed by seed
    (the student of seed ``s`` learns from the teacher of seed ``s``), and passes the
-   student's own phase-1 validation score as ``baseline_f1`` so the leaderboard
-   gets ``gap_closed``.
+   student's own phase-1 validation score as ``baseline_f1``. The summary's gap closed,
+   ``(student − baseline) / (teacher − baseline)`` of mean validation scores, is given
+   only when the teacher is above the baseline; otherwise it is empty and the reason is
+   beside it.
+
+A **collapsed** run (``metrics.json``'s ``collapse``: at most one class predicted, or a
+macro-F1 no better than always answering the majority class, on test or validation) is
+flagged in ``runs.csv``, counted per configuration in the summary, and never chosen:
+not as a best, the teacher, the best student of the gate, or a baseline.
 
 Each run is ``main.py fit`` then ``test`` on the best checkpoint, in its own subprocess;
 a crash is recorded as failed and the sweep goes on. The sweep writes ``runs.csv`` (one
 row per run), ``gate.json``, ``summary.csv`` and ``summary.md``: per configuration the
 mean ± std over seeds and a bootstrap 95% interval of the test macro-F1 from the stored
 ``test_predictions.csv``. The best configuration is chosen on the validation score only;
-test numbers are reported, never used to choose. ``--resume true`` skips every run whose
-``metrics.json`` holds test metrics and whose recorded configuration hash (command line
-and the text of its YAML files) matches; other runs are trained again from scratch.
+test numbers are reported, never used to choose. Every row of ``runs.csv``, the summary
+and the leaderboard names its data (the hash of the run's ``data_fingerprint.json``)
+and its code (git commit and dirty flag, from ``git.json``). ``--resume true`` reuses a
+finished run only when its configuration hash (command line and the text of its YAML
+files), seed, data fingerprint (the data module's fingerprint now, probed without
+building anything) and code version all match, and prints one line for every run it
+trains again saying what differed.
 
 One job a module:
 
@@ -40,8 +55,15 @@ One job a module:
 
 from util.sweep.cli import main
 from util.sweep.manifest import ROOT, Manifest, ManifestError, Spec, load_manifest
-from util.sweep.run import Run, RunResult, fit_and_test, read_result, subprocess_runner
-from util.sweep.stats import GateDecision, bootstrap_macro_f1, evaluate_gate
+from util.sweep.run import (
+    Run,
+    RunResult,
+    data_fingerprint_now,
+    fit_and_test,
+    read_result,
+    subprocess_runner,
+)
+from util.sweep.stats import GateDecision, bootstrap_macro_f1, eligible_score, evaluate_gate
 from util.sweep.sweep import Sweep, SweepError
 
 __all__ = [
@@ -55,6 +77,8 @@ __all__ = [
     "Sweep",
     "SweepError",
     "bootstrap_macro_f1",
+    "data_fingerprint_now",
+    "eligible_score",
     "evaluate_gate",
     "fit_and_test",
     "load_manifest",

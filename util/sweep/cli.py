@@ -51,6 +51,13 @@ def build_parser() -> ArgumentParser:
         help="continue the sweep in --out: skip runs already finished with the same config",
     )
     parser.add_argument(
+        "--distil_anyway",
+        type=bool,
+        default=False,
+        help="run phase 2 even when no teacher meets the gate's margin after tuning "
+        "(as the manifest's gate.on_fail: distil does); the summary says it was forced",
+    )
+    parser.add_argument(
         "--jobs",
         type=PositiveInt,
         default=1,
@@ -89,7 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else ROOT / "log" / "sweeps" / manifest.name
     echo = print if args.dry_run else tqdm.write
-    sweep = Sweep(manifest, out, resume=args.resume, jobs=args.jobs, echo=echo)
+    sweep = Sweep(
+        manifest,
+        out,
+        resume=args.resume,
+        jobs=args.jobs,
+        echo=echo,
+        distil_anyway=args.distil_anyway,
+    )
     if args.dry_run:
         print(sweep.plan_text())
         return 0

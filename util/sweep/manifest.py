@@ -20,8 +20,10 @@ Manifest (YAML)::
     gate:
       teacher: crnn                     # a phase-1 run name
       students: null                    # phase-1 names; default: all but the teacher
-      margin: 0.01
+      margin: 0.03                      # mean validation macro-F1 the teacher must lead by
       tuning: [run specs...]            # trained only when the gate fails
+      on_fail: stop                     # still not met after tuning: stop (no phase 2, the
+                                        # default) or distil from the best teacher anyway
     phase2:
       - name: kd_tinycnn_a{alpha}_T{temperature}
         model: kd_tinycnn               # its configs use models.distillation.DistillationClassifier
@@ -52,6 +54,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "ON_FAIL",
     "PHASES",
     "PHASE_TITLES",
     "ROOT",
@@ -66,6 +69,10 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("phase1", "tuning", "phase2")
 PHASE_TITLES = {"phase1": "phase 1", "tuning": "teacher tuning", "phase2": "phase 2"}
+#: What ``gate.on_fail`` may say: without a teacher that meets the margin, ``stop`` runs
+#: no phase 2 (the default), ``distil`` distils from the best candidate anyway.
+ON_FAIL = ("stop", "distil")
+_GATE_KEYS = {"teacher", "students", "margin", "tuning", "on_fail"}
 
 
 class ManifestError(ValueError):
@@ -98,6 +105,7 @@ class Manifest:
     students: list[str]
     margin: float
     tuning: list[Spec]
+    on_fail: str = "stop"
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 0
     path: Path | None = None
@@ -264,6 +272,14 @@ def load_manifest(path: str | os.PathLike[str], root: str | os.PathLike[str] = R
     known: dict[str, Spec] = {}
     phase1 = _phase(raw["phase1"], "phase1", models, common, known)
     gate = raw["gate"] or {}
+    if not isinstance(gate, Mapping):
+        raise ManifestError(f"{path}: gate must be a mapping (teacher, margin, ...), got {gate!r}")
+    unknown = set(gate) - _GATE_KEYS
+    if unknown:
+        raise ManifestError(f"{path}: gate: unknown keys {sorted(unknown)} ({sorted(_GATE_KEYS)})")
+    on_fail = gate.get("on_fail", "stop")
+    if on_fail not in ON_FAIL:
+        raise ManifestError(f"{path}: gate.on_fail must be one of {list(ON_FAIL)}, got {on_fail!r}")
     names = {s.name for s in phase1} | {a for s in phase1 for a in s.aliases}
     teacher = gate.get("teacher")
     if teacher not in names:
@@ -300,6 +316,7 @@ def load_manifest(path: str | os.PathLike[str], root: str | os.PathLike[str] = R
         students=students,
         margin=float(gate.get("margin", 0.0)),
         tuning=tuning,
+        on_fail=on_fail,
         bootstrap_resamples=int(boot.get("resamples", 1000)),
         bootstrap_seed=int(boot.get("seed", 0)),
         path=path,

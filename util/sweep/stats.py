@@ -2,7 +2,9 @@
 
 Scores are compared the way :data:`models.task.MODE` says (higher is better for
 ``"max"``), on :data:`models.task.MONITOR`, the validation score; test numbers are
-reported, never used to choose.
+reported, never used to choose. A configuration with a collapsed seed (see
+:attr:`~util.sweep.run.RunResult.eligible`) is never chosen: not as the best student,
+the teacher or a baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "best_of",
     "bootstrap_macro_f1",
     "bootstrap_replicates",
+    "eligible_score",
     "evaluate_gate",
     "macro_f1",
     "mean_score",
@@ -153,6 +156,21 @@ def mean_score(results: Iterable[RunResult], name: str) -> float | None:
     return mean_std([r.val_f1 for r in results if r.name == name and r.status == "ok"])[0]
 
 
+def eligible_score(results: Iterable[RunResult], name: str) -> tuple[float | None, str]:
+    """``(mean validation score, "")`` of ``name`` when it may be chosen, else ``(None, why)``.
+
+    It may be chosen when it has a finished seed and none of its finished seeds collapsed.
+    """
+    done = [r for r in results if r.name == name and r.status == "ok"]
+    if not done:
+        return None, "no finished run"
+    collapsed = sum(1 for r in done if r.collapsed)
+    if collapsed:
+        return None, f"collapsed in {collapsed} of {len(done)} seeds"
+    score = mean_std([r.val_f1 for r in done])[0]
+    return (score, "") if score is not None else (None, f"no {MONITOR} recorded")
+
+
 @dataclasses.dataclass
 class GateDecision:
     """Whether the teacher beats the best student by the margin on validation."""
@@ -165,6 +183,11 @@ class GateDecision:
     passed: bool
     tuned: bool = False
     candidates: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    #: Runs left out of the comparison (collapsed, none finished), and why.
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Whether phase 2 ran (``ran``, ``not run``; empty until decided) and why.
+    phase2: str = ""
+    phase2_reason: str = ""
 
     def describe(self) -> str:
         """One line: the verdict, both scores, their difference and the margin."""
@@ -178,11 +201,18 @@ class GateDecision:
             else self.teacher_val_f1 - self.best_student_val_f1
         )
         verdict = "passed" if self.passed else "NOT met"
+        left_out = "; ".join(f"{name}: {why}" for name, why in self.excluded.items())
         return (
             f"gate {verdict}: teacher {self.teacher} {MONITOR} {f(self.teacher_val_f1)} vs best "
             f"student {self.best_student} {f(self.best_student_val_f1)} (difference {f(gap)}, "
-            f"margin {self.margin:g})"
+            f"margin {self.margin:g})" + (f"; left out: {left_out}" if left_out else "")
         )
+
+    def phase2_line(self) -> str:
+        """One line: whether phase 2 ran, and why (empty before the sweep decided)."""
+        if not self.phase2:
+            return ""
+        return f"phase 2 {self.phase2}: {self.phase2_reason}"
 
 
 def evaluate_gate(
@@ -190,17 +220,27 @@ def evaluate_gate(
 ) -> GateDecision:
     """Compare the teacher's mean validation score with the best student's.
 
+    Only :func:`eligible_score` counts: a collapsed teacher fails the gate, and a
+    collapsed student is not the best student.
+
     Args:
         results: finished runs (only ``ok`` ones count).
         teacher: the teacher's run name.
         students: the students' run names.
         margin: by how much the teacher must be better.
     """
-    scores = {s: mean_score(results, s) for s in students}
-    scored = {s: v for s, v in scores.items() if v is not None}
+    excluded: dict[str, str] = {}
+
+    def score(name: str) -> float | None:
+        value, why = eligible_score(results, name)
+        if why:
+            excluded[name] = why
+        return value
+
+    scored = {s: v for s in students if (v := score(s)) is not None}
     best = best_of(scored)
-    t = mean_score(results, teacher)
+    t = score(teacher)
     b = scored.get(best) if best else None
     gain = None if t is None or b is None else (t - b if MODE == "max" else b - t)
     passed = t is not None and (gain is None or gain >= margin)
-    return GateDecision(teacher, t, best, b, margin, passed)
+    return GateDecision(teacher, t, best, b, margin, passed, excluded=excluded)

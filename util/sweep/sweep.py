@@ -2,8 +2,11 @@
 
 Phase 1 trains the baselines; the gate decides the teacher (tuning it first when it
 does not beat the best student by the margin); phase 2 distils each student of the grid
-from that teacher, seed by seed. ``runs.csv``, ``gate.json``, ``summary.csv`` and
-``summary.md`` land in the output folder beside ``runs/`` and ``leaderboard.csv``.
+from that teacher, seed by seed, unless the gate is still not met after tuning and
+neither the manifest (``gate.on_fail: distil``) nor the caller (``distil_anyway``) asks
+to distil anyway. A collapsed run is never chosen: not as a best, the teacher or a
+baseline. ``runs.csv``, ``gate.json``, ``summary.csv`` and ``summary.md`` land in the
+output folder beside ``runs/`` and ``leaderboard.csv``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,34 +24,28 @@ from typing import Any
 from tqdm import tqdm
 
 from models.task import MONITOR
+from util.callbacks.provenance import code_version, git_info
 from util.redact import mask_text, mask_tree
 from util.sweep.manifest import PHASE_TITLES, ROOT, Manifest, Spec, cli_value
-from util.sweep.report import markdown, run_line, write_csv
+from util.sweep.report import markdown, run_line, summary_rows, write_csv
 from util.sweep.run import (
     RUN_RECORD,
     TEST_SCORE,
     Run,
     Runner,
     RunResult,
+    data_fingerprint_now,
     last_line,
     read_json,
-    read_predictions,
     read_result,
     subprocess_runner,
 )
-from util.sweep.stats import (
-    GateDecision,
-    best_of,
-    bootstrap_macro_f1,
-    evaluate_gate,
-    mean_score,
-    mean_std,
-)
+from util.sweep.stats import GateDecision, best_of, eligible_score, evaluate_gate
 
 __all__ = ["Sweep", "SweepError"]
 
-#: Per-run numbers aggregated over seeds in ``summary.csv`` (``<name>_mean``, ``<name>_std``).
-_AGGREGATED = ("val_f1", "test_f1", "test_acc", "test_bal_acc", "gap_closed")
+#: Run settings that decide the data a run reads (the data probe's cache key).
+_DATA_KEYS = ("data", "data.")
 
 
 class SweepError(RuntimeError):
@@ -61,13 +58,20 @@ class Sweep:
     Args:
         manifest: the parsed manifest.
         out: output folder (``runs/``, ``leaderboard.csv``, summaries).
-        resume: skip runs already finished with the same configuration hash.
+        resume: reuse runs already finished with the same configuration, seed, data
+            fingerprint and code version; say what differed for every other one.
         jobs: runs trained at once (the first run of each phase runs alone, so a
             shared spectrogram cache is built once).
         runner: how to execute one run (default: a subprocess of
             :func:`~util.sweep.run.fit_and_test`).
         root: the repository root (configs are relative to it).
         echo: where progress lines go.
+        distil_anyway: run phase 2 even when no teacher meets the gate's margin after
+            tuning (as the manifest's ``gate.on_fail: distil`` does).
+        data_probe: ``main.py`` arguments → the data fingerprint hash a run would record
+            now (default :func:`~util.sweep.run.data_fingerprint_now`); read on resume.
+        code_probe: the code version now, as :func:`~util.callbacks.provenance.git_info`
+            gives it (the default); read on resume.
     """
 
     def __init__(
@@ -79,6 +83,9 @@ class Sweep:
         runner: Runner | None = None,
         root: str | os.PathLike[str] = ROOT,
         echo: Callable[[str], None] = tqdm.write,
+        distil_anyway: bool = False,
+        data_probe: Callable[[list[str]], str | None] | None = None,
+        code_probe: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -90,8 +97,14 @@ class Sweep:
         self.runner = runner or subprocess_runner(max(1, cpus // jobs) if jobs > 1 else None)
         self.root = Path(root)
         self.echo = echo
+        self.distil_anyway = distil_anyway
+        self.data_probe = data_probe or data_fingerprint_now
+        self.code_probe = code_probe or git_info
         self.results: list[RunResult] = []
         self.gate: GateDecision | None = None
+        self._code_now: tuple[Any, Any] | None = None
+        self._data_now: dict[str, str | None] = {}
+        self._gap_notes: dict[tuple[str, int], str] = {}
 
     # -- planning
     def runs_for(
@@ -131,7 +144,9 @@ class Sweep:
         section(PHASE_TITLES["phase1"], m.phase1)
         lines.append(
             f"gate: teacher {m.teacher} must beat the best of {len(m.students)} students by "
-            f">= {m.margin:g} mean {MONITOR}"
+            f">= {m.margin:g} mean {MONITOR}; if no teacher does after tuning, phase 2 "
+            + ("runs anyway" if self._distils_anyway() else "does not run")
+            + f" ({self._on_fail_source()})"
         )
         section(PHASE_TITLES["tuning"], m.tuning, " (only if the gate is not met)")
         section(PHASE_TITLES["phase2"], m.phase2, " (teacher: the gate's choice)")
@@ -142,6 +157,70 @@ class Sweep:
         )
         return "\n".join(lines)
 
+    def _distils_anyway(self) -> bool:
+        return self.distil_anyway or self.manifest.on_fail == "distil"
+
+    def _on_fail_source(self) -> str:
+        if self.distil_anyway:
+            return "--distil_anyway true"
+        if self.manifest.on_fail == "distil":
+            return "the manifest's gate.on_fail: distil"
+        return f"gate.on_fail: {self.manifest.on_fail}; --distil_anyway true overrides"
+
+    # -- resume: does a finished run still hold?
+    def _code_version_now(self) -> tuple[Any, Any]:
+        if self._code_now is None:
+            git = self.code_probe()
+            self._code_now = (git.get("commit"), git.get("dirty"))
+        return self._code_now
+
+    def _data_fingerprint_now(self, run: Run) -> str | None:
+        """The data fingerprint hash the run would record now, probed once per data config."""
+        data_args = [
+            (k, v) for k, v in run.args if k == _DATA_KEYS[0] or k.startswith(_DATA_KEYS[1])
+        ]
+        key = json.dumps([run.configs, data_args], sort_keys=True, default=str)
+        if key not in self._data_now:
+            self._data_now[key] = self.data_probe(run.argv(self.out))
+        return self._data_now[key]
+
+    def _differences(self, run: Run) -> list[str] | None:
+        """What keeps the run's earlier result from being reused; ``[]``: it holds.
+
+        ``None`` when the run has no earlier attempt. It holds when it finished with test
+        metrics and its configuration hash, seed, data fingerprint and code version all
+        equal what this sweep would run now.
+        """
+        record = read_json(run.run_dir(self.out) / RUN_RECORD)
+        if record is None:
+            return None
+        if record.get("status") != "ok":
+            return [f"its last attempt {record.get('status', 'did not finish')}"]
+        result = read_result(run, self.out)
+        if result.status != "ok":
+            return [f"it left no test metrics (metrics.json has no {TEST_SCORE})"]
+        diffs = []
+        if record.get("hash") != run.config_hash(self.root):
+            diffs.append("its configuration changed (config files or settings)")
+        if record.get("seed", run.seed) != run.seed:
+            diffs.append(f"seed {record.get('seed')} -> {run.seed}")
+        then, now = (result.git_commit, result.git_dirty), self._code_version_now()
+        if then != now:
+            old, new = (code_version({"commit": c, "dirty": d}) for c, d in (then, now))
+            diffs.append(f"code version {old or 'unknown'} -> {new or 'unknown'}")
+        try:
+            data = self._data_fingerprint_now(run)
+        except Exception as err:  # cannot tell: train again rather than trust
+            diffs.append(
+                f"the data fingerprint cannot be computed now ({type(err).__name__}: {err})"
+            )
+        else:
+            if data != result.data_fingerprint:
+                diffs.append(
+                    f"data fingerprint {result.data_fingerprint or 'none'} -> {data or 'none'}"
+                )
+        return diffs
+
     # -- running
     def _check_out(self) -> None:
         runs = self.out / "runs"
@@ -151,19 +230,9 @@ class Sweep:
                 "sweep (finished runs are kept) or choose another --out"
             )
 
-    def _done(self, run: Run, digest: str) -> bool:
-        record = read_json(run.run_dir(self.out) / RUN_RECORD) or {}
-        if record.get("hash") != digest or record.get("status") != "ok":
-            return False
-        return read_result(run, self.out).status == "ok"
-
     def _execute_one(self, run: Run) -> RunResult:
         run_dir = run.run_dir(self.out)
         digest = run.config_hash(self.root)
-        if self.resume and self._done(run, digest):
-            result = read_result(run, self.out)
-            result.note = "resumed"
-            return result
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a stale or failed attempt: start clean
         run_dir.mkdir(parents=True)
@@ -194,7 +263,11 @@ class Sweep:
         return result
 
     def execute(self, runs: Sequence[Run], title: str) -> list[RunResult]:
-        """Run (or resume, or skip) ``runs``; one line per run, a bar over the phase."""
+        """Run (or reuse, or skip) ``runs``; one line per run, a bar over the phase.
+
+        On resume, every run is checked before any trains (the data probe prints into a
+        captured stdout, which must not meet a training thread's progress lines).
+        """
         results: dict[int, RunResult] = {}
         todo = []
         for i, run in enumerate(runs):
@@ -202,8 +275,16 @@ class Sweep:
                 out = str(run.run_dir(self.out))
                 results[i] = RunResult(run.phase, run.name, run.seed, "skipped", out, note=run.note)
                 self.echo(f"[{title}] {run.name} seed {run.seed}: skipped ({run.note})")
-            else:
-                todo.append(i)
+                continue
+            diffs = self._differences(run) if self.resume else None
+            if diffs == []:
+                results[i] = read_result(run, self.out)
+                results[i].note = "resumed"
+                self.echo(f"[{title}] {run_line(results[i])}")
+                continue
+            if diffs:
+                self.echo(f"[{title}] re-running {run.name} seed {run.seed}: {'; '.join(diffs)}")
+            todo.append(i)
         bar = tqdm(total=len(runs), desc=title, unit="run", initial=len(results), leave=False)
 
         def one(i: int) -> None:
@@ -227,7 +308,7 @@ class Sweep:
         return ordered
 
     def run(self) -> list[dict[str, Any]]:
-        """Phase 1, the gate (and tuning), phase 2, then the summary; returns its rows.
+        """Phase 1, the gate (and tuning), phase 2 if it may, then the summary; returns its rows.
 
         Raises:
             SweepError: the output folder holds runs of a sweep and ``resume`` is off.
@@ -247,21 +328,49 @@ class Sweep:
                     f"tuning the teacher: {len(m.tuning)} configurations x {len(m.seeds)} seeds"
                 )
                 pool += self.execute(self.runs_for("tuning", m.tuning), PHASE_TITLES["tuning"])
-            candidates = {c: mean_score(pool, c) for c in [m.teacher, *(s.name for s in m.tuning)]}
+            scored = {c: eligible_score(pool, c) for c in [m.teacher, *(s.name for s in m.tuning)]}
+            candidates = {c: v for c, (v, _) in scored.items()}
             teacher = best_of({c: v for c, v in candidates.items() if v is not None})
             decision = evaluate_gate(pool, teacher or m.teacher, m.students, m.margin)
-            decision.tuned, decision.candidates = True, candidates
+            decision.tuned, decision.candidates = bool(m.tuning), candidates
+            decision.excluded = {
+                c: why for c, (_, why) in scored.items() if why
+            } | decision.excluded
             self.gate = decision
             self.echo(f"teacher after tuning: {teacher}; {decision.describe()}")
-            if teacher is not None and not decision.passed:
-                self.echo(
-                    "warning: no teacher meets the margin; distilling from the best one anyway"
-                )
+        distil, self.gate.phase2_reason = self._phase2_decision(teacher)
+        self.gate.phase2 = "runs" if distil else "does not run"
+        self.echo(self.gate.phase2_line())
         (self.out / "gate.json").write_text(
             json.dumps(dataclasses.asdict(self.gate), indent=2) + "\n"
         )
-        self.execute(self._phase2_runs(pool, teacher), PHASE_TITLES["phase2"])
+        runs = self._phase2_runs(pool, teacher)
+        if not distil:
+            for run in runs:
+                run.status, run.note = "skipped", "phase 2 does not run: the gate is not met"
+        for result in self.execute(runs, PHASE_TITLES["phase2"]):
+            if result.gap_closed is None and (result.name, result.seed) in self._gap_notes:
+                result.gap_closed_reason = self._gap_notes[(result.name, result.seed)]
         return self.summarize()
+
+    def _phase2_decision(self, teacher: str | None) -> tuple[bool, str]:
+        """Whether phase 2 runs, and why (the gate's verdict, or who asked to distil anyway)."""
+        gate = self.gate
+        if gate.passed:
+            return True, f"the teacher {teacher} meets the margin of {gate.margin:g}"
+        if teacher is None:
+            return False, "no teacher: every candidate failed, collapsed or has no score"
+        after = " after teacher tuning" if gate.tuned else ""
+        if self._distils_anyway():
+            return True, (
+                f"no teacher meets the margin{after}; distilling from the best one, {teacher}, "
+                f"anyway because {self._on_fail_source()} says so"
+            )
+        return False, (
+            f"no teacher meets the margin of {gate.margin:g}{after}; to distil from the best "
+            f"one ({teacher}) anyway, set gate.on_fail: distil in the manifest or pass "
+            "--distil_anyway true"
+        )
 
     def _phase2_runs(self, pool: Sequence[RunResult], teacher: str | None) -> list[Run]:
         by = {(r.name, r.seed): r for r in pool}
@@ -269,13 +378,15 @@ class Sweep:
         def extra(spec: Spec, seed: int) -> list[tuple[str, Any]]:
             args: list[tuple[str, Any]] = []
             t = by.get((teacher, seed))
-            if t is not None and t.status == "ok" and t.best_ckpt:
+            if t is not None and t.eligible and t.best_ckpt:
                 args.append(("model.init_args.teacher_checkpoint", t.best_ckpt))
                 if t.val_f1 is not None:
                     args.append(("model.init_args.teacher_f1", t.val_f1))
             b = by.get((spec.baseline, seed))
-            if b is not None and b.status == "ok" and b.val_f1 is not None:
+            if b is not None and b.eligible and b.val_f1 is not None:
                 args.append(("model.init_args.baseline_f1", b.val_f1))
+            elif b is not None and b.collapsed:  # never a baseline: its gap would be meaningless
+                self._gap_notes[(spec.name, seed)] = f"baseline {b.name} seed {seed} collapsed"
             return args
 
         runs = self.runs_for("phase2", self.manifest.phase2, extra)
@@ -285,65 +396,17 @@ class Sweep:
         return runs
 
     # -- summary
-    def _row(self, phase: str, name: str) -> dict[str, Any]:
-        """``summary.csv``'s row of one configuration: its seeds aggregated."""
-        m = self.manifest
-        group = [r for r in self.results if (r.phase, r.name) == (phase, name)]
-        ok = [r for r in group if r.status == "ok"]
-        preds = [p for r in ok if (p := read_predictions(Path(r.run_dir))) is not None]
-        preds = [p for p in preds if len(p[0])]
-        ci = (None, None, None)
-        if preds:
-            k = max(p[2] for p in preds) or int(max(max(p[0].max(), p[1].max()) for p in preds)) + 1
-            ci = bootstrap_macro_f1(
-                [(t, p) for t, p, _ in preds], k, m.bootstrap_resamples, m.bootstrap_seed
-            )
-        row: dict[str, Any] = {"phase": phase, "config": name}
-        row["model"] = next((r.model for r in ok if r.model), None)
-        row["seeds_ok"] = f"{len(ok)}/{len(group)}"
-        for key in _AGGREGATED:
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([getattr(r, key) for r in ok])
-        row["test_f1_ci_low"], row["test_f1_ci_high"] = ci[1], ci[2]
-        row["params"] = next((r.params for r in ok if r.params), None)
-        row["latency_ms"] = mean_std([r.latency_ms for r in ok])[0]
-        row["compression_ratio"] = mean_std([r.compression_ratio for r in ok])[0]
-        row["chosen"] = ""
-        return row
-
     def summarize(self) -> list[dict[str, Any]]:
-        """Aggregate seeds per configuration; write runs.csv, summary.csv and summary.md."""
+        """Aggregate seeds per configuration; write runs.csv, summary.csv and summary.md.
+
+        A configuration none of whose runs was attempted (phase 2 when the gate stopped
+        it) has no summary row; its runs are in ``runs.csv`` as ``skipped``.
+        """
         write_csv(self.out / "runs.csv", [dataclasses.asdict(r) for r in self.results])
-        order = dict.fromkeys((r.phase, r.name) for r in self.results)
-        rows = [self._row(phase, name) for phase, name in order]
-        self._mark_best(rows)
+        rows = summary_rows(self.results, self.manifest, self.gate)
         columns = list(rows[0]) if rows else ["phase", "config"]
         write_csv(self.out / "summary.csv", rows, columns)
-        text = markdown(rows, self.gate)
+        text = markdown(rows, self.gate, self.results)
         (self.out / "summary.md").write_text(mask_text(text))
         self.echo("\n" + text)
         return rows
-
-    def _mark_best(self, rows: list[dict[str, Any]]) -> None:
-        """Mark, on the validation score only, the best student, teacher and distilled config."""
-        m = self.manifest
-
-        def best(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
-            scored = {i: r["val_f1_mean"] for i, r in enumerate(candidates)}
-            i = best_of({i: v for i, v in scored.items() if v is not None})
-            return None if i is None else candidates[i]
-
-        students = [r for r in rows if r["phase"] == "phase1" and r["config"] in m.students]
-        distilled = [r for r in rows if r["phase"] == "phase2"]
-        marks = [
-            (best(students), "best baseline student"),
-            (best(distilled), "best distilled"),
-            (best(students + distilled), "best overall"),
-        ]
-        if self.gate is not None and self.gate.teacher:
-            teacher_rows = [
-                r for r in rows if r["config"] == self.gate.teacher and r["phase"] != "phase2"
-            ]
-            marks.append((teacher_rows[0] if teacher_rows else None, "teacher"))
-        for row, label in marks:
-            if row is not None:
-                row["chosen"] = ", ".join(filter(None, [row["chosen"], label]))
