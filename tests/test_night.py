@@ -52,7 +52,7 @@ from util.night import (
 )
 from util.night.generate import night_plan, truth_events, write_night
 from util.night.plot import stack_fractions
-from util.night.rederive import read_probabilities
+from util.night.probabilities import read_probabilities
 from util.night.summary import timeline_title
 
 CLASSES = ["quiet", "breathe", "snore"]

@@ -22,12 +22,8 @@ import pytest
 from tests.helpers import ROOT, untrained_checkpoint
 from util.night import read_events_csv
 from util.night.generate import write_night
-from util.night.rederive import (
-    PROBABILITIES_FILE,
-    ProbabilitiesError,
-    main,
-    read_probabilities,
-)
+from util.night.probabilities import PROBABILITIES_FILE, ProbabilitiesError, read_probabilities
+from util.night.rederive import main
 
 # Lightning says these for every IterableDataset that feeds a prediction writer (see test_night).
 pytestmark = [

@@ -11,13 +11,33 @@ import os
 import re
 import sys
 import traceback
+from typing import Any
 
 from util.redact import mask_text
 
-__all__ = ["DEBUG_ENV", "condense", "debug_requested", "one_line", "report_error"]
+__all__ = [
+    "DEBUG_ENV",
+    "add_debug_option",
+    "condense",
+    "debug_requested",
+    "one_line",
+    "report_error",
+]
 
 #: Set (to anything but 0) for full tracebacks instead of one-line errors; so does ``--debug``.
 DEBUG_ENV = "EARSLEEP_DEBUG"
+
+
+def add_debug_option(parser: Any) -> None:
+    """Give a jsonargparse parser the project's ``--debug`` switch (bare or ``true|false``)."""
+    parser.add_argument(
+        "--debug",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help=f"print the traceback of a failure (also: {DEBUG_ENV}=1)",
+    )
 
 
 def debug_requested() -> bool:

@@ -19,16 +19,13 @@ from data.malloc import keep_heap_flat
 from util.checkpoint import read_checkpoint
 from util.night.calibrate import load_calibration
 from util.night.events import PostProcessing
-from util.night.rederive import (
-    INDEX_COLUMNS,
+from util.night.probabilities import (
     PROBABILITIES_FILE,
     WindowProbabilities,
     check_class_names,
-    index_row,
-    thresholds_source,
-    write_outputs,
     write_probabilities,
 )
+from util.night.rederive import INDEX_COLUMNS, index_row, thresholds_source, write_outputs
 from util.night.summary import console_line, model_identity
 
 __all__ = ["NightWriter"]

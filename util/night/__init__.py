@@ -12,11 +12,12 @@
 - :mod:`util.night.generate`: a synthetic night and its ground truth
   (``python -m util.night.generate --hours 8 --out night.wav``); not imported here, so
   that running it as a module finds it unloaded;
-- :mod:`util.night.rederive`: the ``probabilities.parquet`` every recording gets
-  (:class:`~util.night.rederive.WindowProbabilities`, ``write_probabilities``,
-  ``read_probabilities``), the outputs derived from it (``write_outputs``), and
+- :mod:`util.night.probabilities`: the ``probabilities.parquet`` every recording gets
+  (:class:`~util.night.probabilities.WindowProbabilities`, ``write_probabilities``,
+  ``read_probabilities``);
+- :mod:`util.night.rederive`: the outputs derived from it (``write_outputs``), and
   ``python -m util.night.rederive``, which derives them again with other
-  post-processing, without the model; not imported here either, for the same reason;
+  post-processing, without the model; not imported here, for the same reason;
 - :mod:`util.night.calibrate`: per-class on/off thresholds chosen on validation clips
   (:func:`calibrate_thresholds`), stored in a checkpoint (:func:`store_calibration`,
   :func:`load_calibration`) and ``python -m util.night.calibrate --ckpt_path X``; its

@@ -52,7 +52,7 @@ import torch
 
 from models.task import checkpoint_validation_score
 from util.checkpoint import CheckpointError, read_checkpoint
-from util.errors import DEBUG_ENV, condense, debug_requested, report_error
+from util.errors import add_debug_option, condense, debug_requested, report_error
 from util.night.events import PostProcessing
 
 __all__ = [
@@ -511,14 +511,7 @@ def build_parser() -> Any:
     parser.add_argument(
         "--progress", type=bool, default=True, help="progress bars (cache build, inference)"
     )
-    parser.add_argument(
-        "--debug",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help=f"print the traceback of a failure (also: {DEBUG_ENV}=1)",
-    )
+    add_debug_option(parser)
     return parser
 
 

@@ -15,7 +15,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import PositiveInt
 from tqdm import tqdm
 
-from util.errors import DEBUG_ENV, condense, debug_requested, report_error
+from util.errors import add_debug_option, condense, debug_requested, report_error
 from util.sweep.manifest import ROOT, ManifestError, load_manifest
 from util.sweep.sweep import Sweep
 
@@ -63,14 +63,7 @@ def build_parser() -> ArgumentParser:
         default=1,
         help="runs trained at once (CPU threads are divided between them)",
     )
-    parser.add_argument(
-        "--debug",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help=f"print the traceback of a failure (also: {DEBUG_ENV}=1)",
-    )
+    add_debug_option(parser)
     return parser
 
 
