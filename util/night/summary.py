@@ -28,7 +28,7 @@ MIN_RATE_HOURS = 1.0
 EVENTS_BELOW_TOP = 0.5
 #: ...or more than this many times that time (thresholds too low, or merging too
 #: generous). Not 2: within a bout the exhalations lean to ``breathe``, so a good model's
-#: snore events are about twice its top-class time (204 vs 96 min on the README's night).
+#: snore events are over twice its top-class time (204 vs 86 min on the README's night).
 EVENTS_ABOVE_TOP = 3.0
 
 
