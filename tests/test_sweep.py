@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
@@ -29,6 +30,7 @@ from util.sweep import (
     load_manifest,
 )
 from util.sweep import main as sweep_main
+from util.sweep.plot import plot_summary, summary_figure
 from util.sweep.stats import bootstrap_replicates
 
 CLASSES = ["quiet", "breathe", "snore"]
@@ -619,6 +621,59 @@ def test_summary_aggregates_seeds_and_chooses_on_validation_only(tmp_path: Path)
     assert "| phase 1 | student_w8 |" in md and "0.7505 ± 0.0007" in md
     runs = list(_csv_rows(tmp_path / "out" / "runs.csv"))
     assert len(runs) == 2 * 6
+
+
+KD_GRID = {
+    "alpha": {"key": "model.init_args.alpha", "values": [0.3, 0.9]},
+    "temperature": {"key": "model.init_args.temperature", "values": [2.0, 4.0]},
+}
+
+
+def _assert_png(path: Path) -> np.ndarray:
+    """``path`` is a readable, non-blank PNG; returns its pixels."""
+    assert path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.shape[2] in (3, 4) and float(pixels[..., :3].std()) > 0  # something drawn
+    return pixels
+
+
+def test_summary_picture_shows_f1_vs_params_and_the_kd_grid(tmp_path: Path) -> None:
+    scores = {**STUDENTS_WEAK, "teacher": (0.85, 0.84), "kd_a0.9_T4": (0.80, 0.79)}
+    kd = [{"name": "kd_a{alpha}_T{temperature}", "model": "kd", "baseline": "student"}]
+    kd[0]["grid"] = KD_GRID
+    sweep = _sweep(tmp_path, FakeRunner(scores, collapsed={"kd_a0.3_T2"}), phase2=kd)
+    rows = {r["config"]: r for r in sweep.run()}
+    assert (rows["kd_a0.9_T4"]["kd_alpha"], rows["kd_a0.9_T4"]["kd_temperature"]) == (0.9, 4.0)
+    assert rows["kd_a0.9_T4"]["kd_student"] == "student"
+    assert rows["student"]["kd_alpha"] is None
+    out = tmp_path / "out"
+    _assert_png(out / "summary.png")
+    assert "![summary](summary.png)" in (out / "summary.md").read_text()
+    assert "kd_alpha" in _csv_rows(out / "summary.csv")[0]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the heat map holds each (alpha, T) cell's mean validation macro-F1, alpha down, T across
+    fig = summary_figure(list(rows.values()))
+    grid = np.ma.filled(fig.axes[1].images[0].get_array(), np.nan)
+    assert grid.shape == (2, 2)
+    assert grid[1, 1] == pytest.approx(rows["kd_a0.9_T4"]["val_f1_mean"])
+    assert grid[0, 0] == pytest.approx(rows["kd_a0.3_T2"]["val_f1_mean"])
+    # the collapsed configuration is its own legend entry on the scatter
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "collapsed (≥ 1 seed)" in legend and "KD" in legend and "baseline" in legend
+
+
+def test_summary_picture_is_written_without_kd_rows(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path, FakeRunner({**STUDENTS_WEAK, **TEACHERS_WEAK}))
+    rows = sweep.run()
+    assert not [r for r in rows if r["phase"] == "phase2"]
+    _assert_png(tmp_path / "out" / "summary.png")
+    assert "![summary](summary.png)" in (tmp_path / "out" / "summary.md").read_text()
+    # rows read back from summary.csv (strings, empty cells) draw too; the KD panel is a note
+    png = plot_summary(_csv_rows(tmp_path / "out" / "summary.csv"), tmp_path / "again.png")
+    _assert_png(png)
+    fig = summary_figure([])
+    assert not fig.axes[1].images and "no distilled" in fig.axes[1].texts[0].get_text()
 
 
 def test_the_data_probe_agrees_with_a_finished_run_and_sees_other_data(tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ from util.sweep.manifest import PHASE_TITLES, Manifest
 from util.sweep.run import RunResult, read_predictions
 from util.sweep.stats import GateDecision, best_of, bootstrap_macro_f1, mean_std
 
-__all__ = ["markdown", "run_line", "summary_rows", "write_csv"]
+__all__ = ["PICTURE", "markdown", "run_line", "summary_rows", "write_csv"]
 
 #: Per-run numbers aggregated over seeds in ``summary.csv`` (``<name>_mean``, ``<name>_std``).
 AGGREGATED = ("val_f1", "test_f1", "test_acc", "test_bal_acc")
+#: The summary picture's file name, beside ``summary.md`` (:func:`util.sweep.plot.plot_summary`).
+PICTURE = "summary.png"
 #: ``summary.md``'s columns.
 _HEAD = (
     "| phase | config | model | seeds | collapsed | val macro-F1 | test macro-F1 | "
@@ -120,6 +122,21 @@ def gap_closed(
     return (s - b) / (t - b), None
 
 
+def _setting(args: Sequence[tuple[str, Any]], field: str) -> float | None:
+    """The value a run's dotted ``args`` give ``…init_args.<field>`` (last one wins), or ``None``.
+
+    ``None`` means the KD config file's own value (not set by the manifest).
+    """
+    value = None
+    for key, v in args:
+        if key.rsplit(".", 1)[-1] == field:
+            value = v
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _row(
     results: Sequence[RunResult],
     manifest: Manifest,
@@ -149,8 +166,13 @@ def _row(
     row["latency_ms"] = mean_std([r.latency_ms for r in ok])[0]
     row["compression_ratio"] = mean_std([r.compression_ratio for r in ok])[0]
     row["gap_closed"], row["gap_closed_reason"] = None, None
+    row["kd_student"], row["kd_alpha"], row["kd_temperature"] = None, None, None
     if phase == "phase2":
         spec = next((s for s in manifest.phase2 if s.name == name), None)
+        if spec is not None:
+            row["kd_student"] = spec.baseline or spec.model
+            row["kd_alpha"] = _setting(spec.args, "alpha")
+            row["kd_temperature"] = _setting(spec.args, "temperature")
         teacher = gate.teacher if gate is not None else None
         row["gap_closed"], row["gap_closed_reason"] = gap_closed(
             results, name, spec.baseline if spec is not None else None, teacher
@@ -197,7 +219,9 @@ def summary_rows(
 
     Per configuration: mean ± std over its finished seeds, the bootstrap interval of the
     test macro-F1, how many finished seeds collapsed (``collapsed_runs``; such a
-    configuration is never marked as chosen), the gap closed (phase 2, :func:`gap_closed`)
+    configuration is never marked as chosen), the gap closed (phase 2, :func:`gap_closed`),
+    the distilled student's baseline and the KD ``alpha``/``temperature`` the manifest set
+    (phase 2; empty where the KD config's own value applies)
     and the distinct data fingerprints and code versions of its seeds. A configuration
     none of whose runs was attempted (phase 2 when the gate stopped it) has no row.
     """
@@ -224,8 +248,15 @@ def markdown(
     rows: Sequence[Mapping[str, Any]],
     gate: GateDecision | None,
     results: Sequence[RunResult] = (),
+    picture: str | None = PICTURE,
 ) -> str:
-    """``summary.md``: one table row per configuration, then collapse, gap and gate notes."""
+    """``summary.md``: one table row per configuration, the picture, then collapse, gap and
+    gate notes.
+
+    Args:
+        picture: file name, beside ``summary.md``, of :func:`util.sweep.plot.plot_summary`'s
+            PNG to reference (``None``: no picture line).
+    """
     lines = [_HEAD, "|" + "|".join(["---"] * _HEAD.count(" |")) + "|"]
     no_gap: dict[str, list[str]] = {}
     for r in rows:
@@ -258,6 +289,8 @@ def markdown(
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
+    if picture:
+        text += f"\n![summary]({picture})\n"
     finished = [r for r in results if r.status == "ok"]
     if finished:
         down = [f"{r.name} seed {r.seed}" for r in finished if r.collapsed]

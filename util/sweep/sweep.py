@@ -27,6 +27,7 @@ from models.task import MONITOR
 from util.callbacks.provenance import code_version, git_info
 from util.redact import mask_text, mask_tree
 from util.sweep.manifest import PHASE_TITLES, ROOT, Manifest, Spec, cli_value
+from util.sweep.plot import plot_summary
 from util.sweep.report import markdown, run_line, summary_rows, write_csv
 from util.sweep.run import (
     RUN_RECORD,
@@ -408,5 +409,6 @@ class Sweep:
         write_csv(self.out / "summary.csv", rows, columns)
         text = markdown(rows, self.gate, self.results)
         (self.out / "summary.md").write_text(mask_text(text))
+        plot_summary(rows, self.out / "summary.png", self.out / "tensorboard", self.manifest.name)
         self.echo("\n" + text)
         return rows
