@@ -25,13 +25,16 @@ timed step and the end of the last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +175,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--no-kd", action="store_true", help="skip the distillation columns")
     parser.add_argument("--verbose", action="store_true", help="print every measurement")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="busy processes (one spinning Python loop each) running during the measurement: "
+        "a known competing load, e.g. one per core",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with busy_processes(args.load):
+        measure(args)
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """``n`` processes that each keep one core busy until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, n))]
+    try:
+        if procs:
+            time.sleep(1.0)  # let them reach the run queue
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Measure every cell the arguments ask for and print the table."""
     warnings.filterwarnings("ignore")  # Lightning's tips about workers and log intervals
     for name in ("lightning.pytorch", "lightning.fabric"):
         import logging
@@ -184,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
-        f"{os.getloadavg()[0]:.1f}; batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
+        f"{os.getloadavg()[0]:.1f}, {args.load} busy process(es); batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
         f"steps, median of {args.repeats}"
     )
     n = args.warmup + args.steps
