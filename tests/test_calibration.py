@@ -40,7 +40,8 @@ from util.night import (
     read_events_csv,
     store_calibration,
 )
-from util.night.calibrate import GRID, checkpoint_facts, main, off_threshold_for, weights_sha256
+from util.night.calibrate import main
+from util.night.thresholds import GRID, checkpoint_facts, off_threshold_for, weights_sha256
 
 CLASSES = ["quiet", "breathe", "snore"]
 SR = 16000

@@ -1,6 +1,6 @@
 """Reading a user's ``.ckpt`` file: weights-only, always, with one-line errors.
 
-A checkpoint is a pickle. ``torch.load(weights_only=False)`` runs whatever code the
+A checkpoint is a pickle. Loading it with torch's full unpickler runs whatever code the
 file names (an object whose ``__reduce__`` calls ``os.system`` runs that command), so
 every path in earsleep that opens a checkpoint goes through :func:`read_checkpoint`,
 which loads tensors and plain Python values only and refuses anything else. The
@@ -32,8 +32,8 @@ class CheckpointError(ValueError):
 def force_weights_only() -> None:
     """Make every ``torch.load`` in this process weights-only, even one asking otherwise.
 
-    Lightning falls back to ``weights_only=False`` for remote checkpoint paths and
-    accepts ``--weights_only false``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides
+    Lightning falls back to the full unpickler for remote checkpoint paths and accepts
+    ``--weights_only false``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides
     both (and any library's call) for this process and the processes it starts.
     """
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch

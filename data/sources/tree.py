@@ -10,7 +10,7 @@ or skipped with a reason, never passed over.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,30 +59,26 @@ def place_files(
     """
     placed: dict[str, list[TreeFile]] = {s: [] for s in SPLITS}
     outside: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        here = Path(dirpath)
-        for fname in sorted(filenames):
-            path = here / fname
-            rel = path.relative_to(root).as_posix()
-            parts = rel.split("/")
-            n = len(parts)
-            candidates = [0] if top_level else range(n - 2, -1, -1)
-            k = next((i for i in candidates if i < n - 1 and parts[i].lower() in SPLITS), None)
-            if k is None:
-                outside.append(rel)
-                continue
-            split = parts[k].lower()
-            label = parts[k + 1] if k + 1 < n - 1 else ""
-            if parts[k] != split:
-                reason: str | None = "misspelled_split"
-            elif k > n - 3 or (k != n - 3 and not recursive):
-                reason = "misplaced"
-            elif not fname.lower().endswith(suffixes):
-                reason = "not_audio"
-            else:
-                reason = None
-            placed[split].append(TreeFile(rel, path, split, label, reason))
+    for path, rel in _walk(root):
+        fname = path.name
+        parts = rel.split("/")
+        n = len(parts)
+        candidates = [0] if top_level else range(n - 2, -1, -1)
+        k = next((i for i in candidates if i < n - 1 and parts[i].lower() in SPLITS), None)
+        if k is None:
+            outside.append(rel)
+            continue
+        split = parts[k].lower()
+        label = parts[k + 1] if k + 1 < n - 1 else ""
+        if parts[k] != split:
+            reason: str | None = "misspelled_split"
+        elif k > n - 3 or (k != n - 3 and not recursive):
+            reason = "misplaced"
+        elif not fname.lower().endswith(suffixes):
+            reason = "not_audio"
+        else:
+            reason = None
+        placed[split].append(TreeFile(rel, path, split, label, reason))
     for files in placed.values():
         files.sort(key=lambda f: f.rel)
     return placed, sorted(outside)
@@ -96,20 +92,16 @@ def label_files(root: Path, suffixes: tuple[str, ...]) -> list[TreeFile]:
     none of ``suffixes`` is ``not_audio``. ``split`` is ``""`` until the source sets it.
     """
     files: list[TreeFile] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        here = Path(dirpath)
-        for fname in sorted(filenames):
-            path = here / fname
-            rel = path.relative_to(root).as_posix()
-            parts = rel.split("/")
-            if len(parts) < 2:
-                reason: str | None = "misplaced"
-            elif not fname.lower().endswith(suffixes):
-                reason = "not_audio"
-            else:
-                reason = None
-            files.append(TreeFile(rel, path, "", parts[0] if len(parts) > 1 else "", reason))
+    for path, rel in _walk(root):
+        fname = path.name
+        parts = rel.split("/")
+        if len(parts) < 2:
+            reason: str | None = "misplaced"
+        elif not fname.lower().endswith(suffixes):
+            reason = "not_audio"
+        else:
+            reason = None
+        files.append(TreeFile(rel, path, "", parts[0] if len(parts) > 1 else "", reason))
     files.sort(key=lambda f: f.rel)
     return files
 
@@ -133,3 +125,13 @@ def read_tree_file(file: TreeFile, labels: Collection[str] | None = None) -> Cli
     except OSError:
         return SkippedClip(rel, split, label, "corrupt")
     return Clip(waveform, sr, label, rel, split)
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every file below ``root`` as ``(path, rel)`` (``rel``: posix, from ``root``), sorted."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        for fname in sorted(filenames):
+            path = here / fname
+            yield path, path.relative_to(root).as_posix()

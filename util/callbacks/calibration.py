@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from util.checkpoint import CheckpointError, read_checkpoint
-from util.night.calibrate import (
+from util.night.thresholds import (
     CHECKPOINT_KEY,
     CalibratedThresholds,
     calibrate_thresholds,
@@ -29,7 +29,7 @@ class Calibration(Callback):
     The best checkpoint's weights (the monitoring ``ModelCheckpoint``'s
     ``best_model_path``) run over the data module's validation split, as much of it as
     validation reads (``limit_val_batches``), the model in eval and without gradients;
-    :func:`util.night.calibrate.calibrate_thresholds` chooses each event
+    :func:`util.night.thresholds.calibrate_thresholds` chooses each event
     class's on/off thresholds from those clip probabilities, and the result is written
     into the checkpoint file under ``earsleep_postprocessing``, atomically. Every other
     file a ``ModelCheckpoint`` kept (``last.ckpt``) gets the calibration of its own weights:

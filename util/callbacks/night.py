@@ -17,7 +17,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from data.malloc import keep_heap_flat
 from util.checkpoint import read_checkpoint
-from util.night.calibrate import load_calibration
 from util.night.events import PostProcessing
 from util.night.probabilities import (
     PROBABILITIES_FILE,
@@ -27,6 +26,7 @@ from util.night.probabilities import (
 )
 from util.night.rederive import INDEX_COLUMNS, index_row, thresholds_source, write_outputs
 from util.night.summary import console_line, model_identity
+from util.night.thresholds import load_calibration
 
 __all__ = ["NightWriter"]
 

@@ -146,6 +146,41 @@ def datamodule_from_config(
         ) from err
 
 
+def run_datamodule(
+    ckpt_path: str | Path,
+    hparams: Mapping[str, Any],
+    run_config: str | Path | None = None,
+    progress: bool = True,
+    option: str = "--run_config",
+) -> tuple[SleepSoundDataModule, Path]:
+    """The data module of the run that trained ``ckpt_path``, checked against it.
+
+    Built from ``run_config`` (default: :func:`find_run_config`) and refused when the
+    checkpoint was trained on other classes, input shape or features. ``option`` is the
+    flag that names the config in messages (the calibrate command calls it ``--config``).
+
+    Raises:
+        ExportError: no run config, or one the data module refuses.
+        IncompatibleError: the run config does not fit the checkpoint.
+    """
+    config_path = Path(run_config) if run_config else find_run_config(ckpt_path)
+    if config_path is None:
+        raise ExportError(
+            f"cannot tell which features {ckpt_path} was trained on: no config.yaml next to "
+            f"it or in its run folder; pass {option} <the run's config.yaml>"
+        )
+    dm = datamodule_from_config(config_path, progress)
+    check_compatible(
+        hparams,
+        class_names=dm.class_names,
+        input_shape=dm.input_shape,
+        feature_config=dm.feature_config,
+        what=f"--ckpt_path {ckpt_path}",
+        fix=f"pass the config of the run that trained it ({option}), not {config_path}",
+    )
+    return dm, config_path
+
+
 def export_data(
     ckpt_path: str | Path,
     hparams: Mapping[str, Any],
@@ -168,22 +203,8 @@ def export_data(
         ExportError: no run config, or one the data module refuses.
         FeatureMismatchError: the run config or a cache file does not fit the checkpoint.
     """
-    config_path = Path(run_config) if run_config else find_run_config(ckpt_path)
-    if config_path is None:
-        raise ExportError(
-            f"cannot tell which features {ckpt_path} was trained on: no config.yaml next to "
-            "it or in its run folder; pass --run_config <the run's config.yaml>"
-        )
-    dm = datamodule_from_config(config_path, progress)
     try:
-        check_compatible(
-            hparams,
-            class_names=dm.class_names,
-            input_shape=dm.input_shape,
-            feature_config=dm.feature_config,
-            what=f"--ckpt_path {ckpt_path}",
-            fix=f"pass the config of the run that trained it (--run_config), not {config_path}",
-        )
+        dm, config_path = run_datamodule(ckpt_path, hparams, run_config, progress)
     except IncompatibleError as err:
         raise FeatureMismatchError(str(err)) from err
     # explicit files first: a wrong one is refused before any cache is built

@@ -18,10 +18,12 @@
 - :mod:`util.night.rederive`: the outputs derived from it (``write_outputs``), and
   ``python -m util.night.rederive``, which derives them again with other
   post-processing, without the model; not imported here, for the same reason;
-- :mod:`util.night.calibrate`: per-class on/off thresholds chosen on validation clips
+- :mod:`util.night.thresholds`: per-class on/off thresholds chosen on validation clips
   (:func:`calibrate_thresholds`), stored in a checkpoint (:func:`store_calibration`,
-  :func:`load_calibration`) and ``python -m util.night.calibrate --ckpt_path X``; its
-  names are offered here but imported on first use, for the same reason.
+  :func:`load_calibration`); its names are offered here but imported on first use (it
+  loads torch, which ``rederive`` must not);
+- :mod:`util.night.calibrate`: ``python -m util.night.calibrate --ckpt_path X``, not
+  imported here, for the same reason as ``generate``.
 
 :class:`util.callbacks.NightWriter` applies these to every recording ``main.py predict``
 reads.
@@ -51,7 +53,7 @@ from util.night.summary import (
     summarize,
 )
 
-#: Names of :mod:`util.night.calibrate`, imported when first asked for (see the docstring).
+#: Names of :mod:`util.night.thresholds`, imported when first asked for (it loads torch).
 _CALIBRATE = (
     "CHECKPOINT_KEY",
     "CalibratedThresholds",
@@ -65,9 +67,9 @@ _CALIBRATE = (
 
 def __getattr__(name: str) -> object:
     if name in _CALIBRATE:
-        from util.night import calibrate
+        from util.night import thresholds
 
-        return getattr(calibrate, name)
+        return getattr(thresholds, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "WindowProbabilities",
     "check_class_names",
     "find_probabilities",
+    "json_types",
     "read_probabilities",
     "write_probabilities",
 ]
@@ -98,7 +99,7 @@ class WindowProbabilities:
 
     def header(self) -> dict[str, Any]:
         """The metadata stored with the probabilities (JSON-ready)."""
-        return _plain(
+        return json_types(
             {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -162,12 +163,12 @@ class WindowProbabilities:
         return WindowProbabilities.from_header(json.loads(json.dumps(self.header())), self.probs)
 
 
-def _plain(value: Any) -> Any:
+def json_types(value: Any) -> Any:
     """``value`` with numpy scalars, tuples and mappings made JSON's own types."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_types(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [json_types(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, str | bool | int | float):
