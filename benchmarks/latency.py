@@ -1,8 +1,9 @@
 """Single-thread batch-1 CPU latency: eager PyTorch, ONNX Runtime fp32 and int8.
 
-For TinyCNN, TinyCNN-CBAM (r8/k3) and CRNN at the ``reference`` (1×64×501) and
-``native`` (2×64×101) inputs, each whole :class:`~models.classifier.Classifier` (band
-standardisation included, as exported) is timed at batch 1 on one thread:
+For TinyCNN, TinyCNN-CBAM (r8/k3), CRNN and BC-ResNet (width 1.75) at the ``reference``
+(1×64×501) and ``native`` (2×64×101) inputs, each whole
+:class:`~models.classifier.Classifier` (band standardisation included, as exported) is
+timed at batch 1 on one thread:
 
 - **eager**: :func:`util.complexity.measure_latency` (``torch.inference_mode``);
 - **ORT fp32**: the dynamo-exported ONNX file (:func:`util.deploy.onnx.export_onnx`);
@@ -61,7 +62,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from models.backbones import CRNN, TinyCNN, TinyCNNCBAM  # noqa: E402
+from models.backbones import CRNN, BCResNet, TinyCNN, TinyCNNCBAM  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from util.complexity import count_macs, count_params, measure_latency  # noqa: E402
 from util.deploy.onnx import export_onnx  # noqa: E402
@@ -77,6 +78,7 @@ BACKBONES: dict[str, Callable[..., Any]] = {
     "TinyCNN": TinyCNN,
     "TinyCNN-CBAM r8k3": functools.partial(TinyCNNCBAM, reduction=8, kernel_size=3),
     "CRNN": CRNN,
+    "BC-ResNet": BCResNet,
 }
 NUM_CLASSES = 3
 #: Plausible per-band statistics of the native log-mel input, for the standardisation.

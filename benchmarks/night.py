@@ -2,24 +2,33 @@
 
 Writes synthetic two-channel 16 kHz nights (8 h and 1 h by default) with
 :mod:`util.night.generate`, then runs the user's command on each,
-``main.py predict --config config/demo.yaml --ckpt_path ... --data.predict_audio ...``
-(in-process, through :func:`main.main`), every run in a fresh process so its peak
-memory is its own. That is :class:`data.recordings.RecordingWindows` (blocks from disk →
-windows → log-mel front end, frames shared by overlapping windows) →
+``main.py predict --config config/demo.yaml --ckpt_path ... --data.predict_audio ...
+--threads ...`` (in-process, through :func:`main.main`), every run in a fresh process so
+its peak memory is its own. That is :class:`data.recordings.RecordingWindows` (blocks
+from disk → windows → log-mel front end, frames shared by overlapping windows) →
 ``Trainer.predict`` with the TinyCNN :class:`models.classifier.Classifier`
-(:class:`util.callbacks.PredictEngine` runtime auto: exported to ONNX Runtime when
-prediction starts, which the wall time includes) → :class:`util.callbacks.night.NightWriter` (events, summary,
-timeline). Prints the real-time factor (recording seconds per wall second) and peak
-RSS; the two lengths show whether memory stays flat as the night grows.
+(:class:`util.callbacks.PredictEngine` runtime auto: ONNX Runtime, the TinyCNN's layers
+as hand-written graphs, :class:`util.night.shared_windows.SharedWindowRunner`; set up
+when prediction starts, which the wall time includes) →
+:class:`util.callbacks.night.NightWriter` (events, summary, timeline, probabilities).
+Prints the real-time factor (recording seconds per wall second), CPU time and peak RSS;
+the two lengths show whether memory stays flat as the night grows.
 
-    python benchmarks/night.py                      # 8 h and 1 h, untrained TinyCNN
-    python benchmarks/night.py --ckpt_path best.ckpt --hours 1
-    python benchmarks/night.py --num_workers 1 --threads 1
-    python benchmarks/night.py --engine torch --hours 2     # eager PyTorch instead
+Each night runs for every ``--threads`` value (``1`` and ``auto``, earsleep's default:
+:func:`util.cpu.choose_threads`, the cores free now) on an idle machine and with
+``--load`` busy processes (one spinning Python loop each, started by the benchmark, as
+``benchmarks/train_throughput.py --load`` does), by default none and one per core. A
+machine that is already busy (other jobs) shows in the load-average column.
+
+    python benchmarks/night.py                       # 8 h and 1 h, threads 1 and auto, load 0 and cores
+    python benchmarks/night.py --hours 1 --repeats 3 # medians over three runs
+    python benchmarks/night.py --hop_s 0.48          # a hop the pooling strides divide
+    python benchmarks/night.py --engine torch --hours 2 --threads 1 --load 0
 
 Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a checkpoint
 trained with ``config/demo.yaml``) to also see sensible events. Targets on a 2-core
-CPU: an 8-hour night in at most 60 s (RTF ≥ 480) under 1 GB.
+CPU: an 8-hour night in at most 20 s idle and 40 s with one busy process per core,
+peak RSS under 1 GB.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.busy import busy_processes  # noqa: E402
 
 #: The demo's classes (``config/demo.yaml``), which the untrained checkpoint must match.
 CLASSES = ("quiet", "breathe", "snore")
@@ -78,8 +89,9 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     from main import main as cli
+    from util.cpu import choose_threads
 
-    torch.set_num_threads(args.threads)
+    choice = choose_threads(args.threads)  # what the CLI's --threads will choose
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = args.ckpt_path or str(untrained_checkpoint(out / "untrained.ckpt", args.seed))
@@ -92,6 +104,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--data.predict_hop_s", str(args.hop_s),
         "--data.num_workers", str(args.num_workers),
         "--predict_engine.runtime", args.engine,
+        "--threads", str(args.threads),
         "--night.output_dir", str(out),
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(out),  # where the CLI saves its config.yaml
@@ -107,6 +120,7 @@ def run_one(args: argparse.Namespace) -> dict:
     cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     cli(command)
     wall = time.perf_counter() - t0
+    threads = torch.get_num_threads()
     summary = json.loads(next(out.glob("*/summary.json")).read_text())
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
@@ -122,7 +136,18 @@ def run_one(args: argparse.Namespace) -> dict:
         "rss_baseline_mb": baseline,
         "rss_workers_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if args.num_workers else 0.0,
         "snore_episodes": summary["snore"]["episodes"],
+        "threads": threads,
+        "thread_reason": choice.reason,
+        "load_start": os.getloadavg()[0],
     }
+
+
+def _median(rows: list[dict]) -> dict:
+    """The run with the median wall time (its own CPU and RSS figures kept together)."""
+    ordered = sorted(rows, key=lambda r: r["wall_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["walls"] = [r["wall_s"] for r in rows]
+    return row
 
 
 def main() -> None:
@@ -136,12 +161,25 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="windows per batch")
     parser.add_argument("--hop_s", type=float, default=0.5, help="seconds between windows")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        default=["1", "auto"],
+        help="main.py's --threads values to measure (auto: util.cpu.choose_threads)",
+    )
+    parser.add_argument(
+        "--load",
+        type=int,
+        nargs="+",
+        default=None,
+        help="busy processes during each run (default: 0 and one per core)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell (median shown)")
     parser.add_argument(
         "--engine",
         choices=["auto", "torch", "onnxruntime"],
         default="auto",
-        help="the predict engine's runtime (auto: ONNX Runtime on CPU; its export is timed)",
+        help="the predict engine's runtime (auto: ONNX Runtime on CPU; its set-up is timed)",
     )
     parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
@@ -149,11 +187,17 @@ def main() -> None:
     parser.add_argument("--output_dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.audio:  # the child: one measured run, numbers as JSON on the last line
-        print(json.dumps(run_one(args)))
+        args.threads = args.threads[0]
+        row = json.dumps(run_one(args))
+        with open(Path(args.output_dir).parent / "runs.jsonl", "a") as log:
+            log.write(row + "\n")  # every run also kept beside the nights
+        print(row)
         return
 
+    from util.cpu import available_cores, cpu_model
     from util.night.generate import write_night
 
+    loads = args.load if args.load is not None else [0, available_cores()]
     tmp = tempfile.TemporaryDirectory(prefix="night-bench-") if args.workdir is None else None
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -164,49 +208,61 @@ def main() -> None:
         if not audio.exists():
             write_night(audio, hours=hours, seed=args.seed)
         made = time.perf_counter() - t0
-        child = [
-            sys.executable,
-            __file__,
-            "--audio", str(audio),
-            "--output_dir", str(workdir / f"out_{hours:g}h"),
-            "--batch_size", str(args.batch_size),
-            "--hop_s", str(args.hop_s),
-            "--num_workers", str(args.num_workers),
-            "--threads", str(args.threads),
-            "--seed", str(args.seed),
-            "--engine", args.engine,
-        ]  # fmt: skip
-        if args.ckpt_path:
-            child += ["--ckpt_path", args.ckpt_path]
-        res = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
-        if res.returncode:
-            sys.stderr.write(res.stdout + res.stderr)
-            raise SystemExit(f"benchmark run for {hours} h failed")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        row["generate_s"] = made
-        rows.append(row)
-    load = os.getloadavg()[0]
+        for load in loads:
+            for threads in args.threads:
+                runs = []
+                for _ in range(args.repeats):
+                    child = [
+                        sys.executable,
+                        __file__,
+                        "--audio", str(audio),
+                        "--output_dir", str(workdir / f"out_{hours:g}h"),
+                        "--batch_size", str(args.batch_size),
+                        "--hop_s", str(args.hop_s),
+                        "--num_workers", str(args.num_workers),
+                        "--threads", str(threads),
+                        "--seed", str(args.seed),
+                        "--engine", args.engine,
+                    ]  # fmt: skip
+                    if args.ckpt_path:
+                        child += ["--ckpt_path", args.ckpt_path]
+                    with busy_processes(load):
+                        res = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
+                    if res.returncode:
+                        sys.stderr.write(res.stdout + res.stderr)
+                        raise SystemExit(f"benchmark run for {hours} h failed")
+                    runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                row = _median(runs)
+                row.update(generate_s=made, load=load, requested=threads)
+                rows.append(row)
     print(
         f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
         f"engine {args.engine}, batch {args.batch_size}, hop {args.hop_s} s, "
-        f"workers {args.num_workers}, "
-        f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.1f}"
+        f"workers {args.num_workers}; {cpu_model()}, {available_cores()} cores; "
+        f"median of {args.repeats} run(s)"
     )
     print(
-        "| night (h) | windows | wall (s) | RTF (x real time) | CPU (s) | RSS before (MB) | "
-        "peak RSS main (MB) | peak RSS workers (MB) | generate night (s) |"
+        "| night (h) | windows | busy procs | load avg | --threads | threads | wall (s) | "
+        "RTF (x real time) | CPU (s) | RSS before (MB) | peak RSS (MB) | night's own (MB) | "
+        "peak RSS workers (MB) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
-            f"| {r['hours']:.2f} | {r['windows']} | {r['wall_s']:.1f} | {r['rtf']:.0f} | "
-            f"{r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | {r['rss_main_mb']:.0f} | "
-            f"{r['rss_workers_mb']:.0f} | {r['generate_s']:.1f} |"
+            f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
+            f"{r['requested']} | {r['threads']} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
+            f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | "
+            f"{r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
+            f"{r['rss_workers_mb']:.0f} |"
         )
     print(
-        "CPU (s): user + system time of the prediction, main process and workers; on an "
-        "otherwise idle machine the wall time approaches CPU / cores. RSS before: the main "
-        "process with torch, Lightning and the project imported, before the CLI starts."
+        "busy procs: spinning processes the benchmark ran beside the night; load avg: the "
+        "1-minute load average as the night ended (other jobs included). threads: what "
+        "--threads chose (util.cpu.choose_threads). CPU (s): user + system time of the "
+        "prediction, main process and workers. RSS before: the main process with torch, "
+        "Lightning and the project imported, before the CLI starts; night's own: peak "
+        "minus that."
     )
     if tmp is not None:
         tmp.cleanup()

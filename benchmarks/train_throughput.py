@@ -20,21 +20,19 @@ timed step and the end of the last.
 
     .venv/bin/python benchmarks/train_throughput.py
     .venv/bin/python benchmarks/train_throughput.py --steps 20 --repeats 5 --threads 4
+    .venv/bin/python benchmarks/train_throughput.py --threads auto --load 2   # the default, loaded
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +44,11 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from benchmarks.busy import busy_processes  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from models.distillation import DistillationClassifier  # noqa: E402
 from tests.helpers import build_like_cli, save_checkpoint  # noqa: E402
+from util.cpu import choose_threads  # noqa: E402
 
 INPUTS = {"reference": (1, 64, 501), "native": (2, 64, 101)}
 BACKBONES = {
@@ -170,7 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell (median)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="torch intra-op threads: a number, or auto (earsleep's default, "
+        "util.cpu.choose_threads, chosen once the --load processes run); unset: torch's own",
+    )
     parser.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--no-kd", action="store_true", help="skip the distillation columns")
@@ -183,24 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         "a known competing load, e.g. one per core",
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with busy_processes(args.load):
+        if args.threads:
+            choice = choose_threads(args.threads)
+            torch.set_num_threads(choice.threads)
+            print(f"threads {args.threads}: {choice.reason}")
         measure(args)
-
-
-@contextlib.contextmanager
-def busy_processes(n: int) -> Iterator[None]:
-    """``n`` processes that each keep one core busy until the block ends."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, n))]
-    try:
-        if procs:
-            time.sleep(1.0)  # let them reach the run queue
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 def measure(args: argparse.Namespace) -> None:

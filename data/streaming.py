@@ -244,6 +244,10 @@ class StreamState:
     error: str | None = None
 
 
+#: soundfile subtypes whose samples are integers (never NaN or infinite when decoded).
+_INTEGER_SUBTYPES = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW")
+
+
 def read_blocks(
     info: RecordingInfo,
     sample_rate: int,
@@ -292,6 +296,8 @@ def read_blocks(
         resampler = BlockResampler(info.sample_rate, sample_rate)
         state.repairs.append(f"resampled from {info.sample_rate} Hz to {sample_rate} Hz")
     frames = max(1, int(round(block_s * info.sample_rate)))
+    # Integer PCM decodes to finite floats: skip the scan (a pass over every sample).
+    may_be_nonfinite = not any(f"/{kind}" in info.format for kind in _INTEGER_SUBTYPES)
     try:
         f = sf.SoundFile(str(path))
     except Exception as err:
@@ -315,10 +321,11 @@ def read_blocks(
                 break
             read += len(data)
             block = np.ascontiguousarray(data[:, :take].T)
-            bad = ~np.isfinite(block)
-            if bad.any():
-                state.nonfinite_samples += int(bad.sum())
-                block[bad] = 0.0
+            if may_be_nonfinite:
+                bad = ~np.isfinite(block)
+                if bad.any():
+                    state.nonfinite_samples += int(bad.sum())
+                    block[bad] = 0.0
             if resampler is not None:
                 block = resampler.push(block)
             if block.shape[1]:

@@ -34,6 +34,7 @@ from torch import nn
 from models.backbones import Backbone, TinyCNN
 from models.compatibility import check_compatible
 from models.metrics import collapse_report, split_metrics
+from models.pruning import conform_to_state_dict
 
 #: The validation score that decides (checkpointing, early stopping, sweeps).
 MONITOR = "val/f1_macro"
@@ -285,7 +286,12 @@ class Task(LightningModule):
             checkpoint[VALIDATION_SCORE_KEY] = {"monitor": MONITOR, "value": float(value)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made for another backbone or other classes, naming both."""
+        """Refuse a checkpoint made for another backbone or other classes, naming both.
+
+        A channel-pruned checkpoint's hyper-parameters describe the unpruned backbone:
+        the layers whose shapes differ are rebuilt at the checkpoint's sizes here, before
+        Lightning loads the weights (:func:`models.pruning.conform_to_state_dict`).
+        """
         check_compatible(
             checkpoint.get("hyper_parameters", {}),
             class_names=self.class_names,
@@ -294,6 +300,7 @@ class Task(LightningModule):
             fix="pass the checkpoint's own config (its run folder has config.yaml) or a "
             "matching --model",
         )
+        conform_to_state_dict(self, checkpoint.get("state_dict") or {})
 
     def configure_optimizers(self) -> object:
         optimizer = self.optimizer_factory(self.parameters())

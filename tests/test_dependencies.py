@@ -30,17 +30,25 @@ PROJECT = "earsleep (pyproject.toml)"
 OWN = {"data", "models", "util", "main", "tests", "benchmarks"}
 #: Folders whose imports are the application's (runtime dependencies); tests may also use dev ones.
 RUNTIME_CODE = ("main.py", "data", "models", "util", "benchmarks")
+#: The extras CI's lock holds besides the dependencies (the README's lock command names them).
+LOCKED_EXTRAS = ("dev", "mcu")
+#: Code that may import an extra's packages, and those extras (``mcu-convert`` is not locked:
+#: its modules may be absent where the tests run).
+EXTRA_CODE = {
+    "util/deploy/mcu": ("mcu", "mcu-convert"),
+    "benchmarks/mcu.py": ("mcu", "mcu-convert"),
+}
 
 
 def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def declared(extra: str | None = None) -> dict[str, Requirement]:
-    """pyproject.toml's requirements by canonical name (``extra``: also that extra's)."""
+def declared(*extras: str) -> dict[str, Requirement]:
+    """pyproject.toml's requirements by canonical name (``extras``: also theirs)."""
     project = pyproject()["project"]
     specs = list(project["dependencies"])
-    if extra:
+    for extra in extras:
         specs += project["optional-dependencies"][extra]
     reqs = [Requirement(s) for s in specs]
     return {canonicalize_name(r.name): r for r in reqs}
@@ -96,7 +104,7 @@ def read_lock(path: Path = LOCK) -> list[Locked]:
 
 def test_the_lock_satisfies_pyproject_and_nothing_else_is_direct() -> None:
     """Refresh with the command in the lock's header (README, Development) when this fails."""
-    wanted = declared("dev")
+    wanted = declared(*LOCKED_EXTRAS)
     lock = read_lock()
     by_name: dict[str, list[Locked]] = {}
     for entry in lock:
@@ -151,7 +159,10 @@ def _python_files(*parts: str) -> list[Path]:
     return files
 
 
-def _undeclared(files: list[Path], allowed: dict[str, Requirement]) -> dict[str, str]:
+def _undeclared(
+    files: list[Path], allowed: dict[str, Requirement], optional: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Imports no declared distribution provides; ``optional``: declared names that may be absent."""
     distributions = importlib.metadata.packages_distributions()
     problems = {}
     for module in sorted(set().union(*(_imports(f) for f in files))):
@@ -161,6 +172,8 @@ def _undeclared(files: list[Path], allowed: dict[str, Requirement]) -> dict[str,
         conditional = allowed.get(canonicalize_name(module))
         if not dists and conditional is not None and conditional.marker is not None:
             continue  # e.g. tomli, declared for Python < 3.11 only
+        if not dists and canonicalize_name(module) in optional:
+            continue  # an unlocked extra's module (e.g. litert_torch), not installed here
         if not dists:
             problems[module] = "imported, but no installed distribution provides it"
         elif not dists & set(allowed):
@@ -169,10 +182,18 @@ def _undeclared(files: list[Path], allowed: dict[str, Requirement]) -> dict[str,
 
 
 def test_every_third_party_import_of_the_application_is_a_runtime_dependency() -> None:
-    problems = _undeclared(_python_files(*RUNTIME_CODE), declared())
+    extra_files = set(_python_files(*EXTRA_CODE))
+    core = [f for f in _python_files(*RUNTIME_CODE) if f not in extra_files]
+    problems = _undeclared(core, declared())
     assert not problems, problems
+    for part, extras in EXTRA_CODE.items():
+        unlocked = {
+            name for extra in extras if extra not in LOCKED_EXTRAS for name in declared(extra)
+        } - set(declared())
+        problems = _undeclared(_python_files(part), declared(*extras), frozenset(unlocked))
+        assert not problems, (part, problems)
 
 
 def test_every_third_party_import_of_the_tests_is_declared() -> None:
-    problems = _undeclared(_python_files("tests"), declared("dev"))
+    problems = _undeclared(_python_files("tests"), declared(*LOCKED_EXTRAS))
     assert not problems, problems

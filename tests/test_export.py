@@ -482,14 +482,17 @@ def _feature_batches() -> list[torch.Tensor]:
 
 
 def test_predict_engine_onnxruntime_gives_pytorchs_probabilities(monkeypatch) -> None:
+    """Every batch runs on ONNX Runtime: the exported model, or TinyCNN's own graphs."""
+    from util.night.shared_windows import SharedWindowRunner
+
     calls = collections.Counter()
-    run = ex.OnnxRuntimeRunner.__call__
+    for runner in (ex.OnnxRuntimeRunner, SharedWindowRunner):
 
-    def counted(self: ex.OnnxRuntimeRunner, x: torch.Tensor) -> torch.Tensor:
-        calls[len(x)] += 1
-        return run(self, x)
+        def counted(self, x: torch.Tensor, run=runner.__call__) -> torch.Tensor:
+            calls[len(x)] += 1
+            return run(self, x)
 
-    monkeypatch.setattr(ex.OnnxRuntimeRunner, "__call__", counted)
+        monkeypatch.setattr(runner, "__call__", counted)
     batches = _feature_batches()
     torch.manual_seed(0)
     ort_probs = _predict_probs(native_classifier(), batches, "onnxruntime")

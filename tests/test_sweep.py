@@ -3,6 +3,7 @@ statistics, and one real sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -32,6 +33,7 @@ from util.sweep import (
 from util.sweep import main as sweep_main
 from util.sweep.plot import plot_summary, summary_figure
 from util.sweep.stats import bootstrap_replicates
+from util.sweep.tune import RaySettings, RayTuneExecutor, Trial, TrialOutcome
 
 CLASSES = ["quiet", "breathe", "snore"]
 
@@ -39,18 +41,18 @@ CLASSES = ["quiet", "breathe", "snore"]
 # -- plans ----------------------------------------------------------------------------------
 
 
-def test_reference_manifest_plans_11_baselines_and_18_distillations_per_seed(capsys) -> None:
+def test_reference_manifest_plans_12_baselines_and_27_distillations_per_seed(capsys) -> None:
     m = load_manifest(ROOT / "config/sweep/reference.yaml")
     names = [s.name for s in m.phase1]
-    assert len(names) == 11
+    assert len(names) == 12
     grid = {f"tinycnn_cbam_r{r}_k{k}" for r in (4, 8, 16) for k in (3, 7, 11)}
     assert grid - set(names) == {"tinycnn_cbam_r8_k3"}  # the default run is that grid point
     (cbam,) = [s for s in m.phase1 if s.name == "tinycnn_cbam"]
     assert cbam.aliases == ("tinycnn_cbam_r8_k3",)
-    assert {"tinycnn", "crnn"} <= set(names)
-    assert m.teacher == "crnn" and "crnn" not in m.students and len(m.students) == 10
-    assert len(m.phase2) == 18
-    assert {s.baseline for s in m.phase2} == {"tinycnn", "tinycnn_cbam"}
+    assert {"tinycnn", "crnn", "bcresnet"} <= set(names)
+    assert m.teacher == "crnn" and "crnn" not in m.students and len(m.students) == 11
+    assert len(m.phase2) == 27
+    assert {s.baseline for s in m.phase2} == {"tinycnn", "tinycnn_cbam", "bcresnet"}
     assert len(m.tuning) > 0
     assert m.margin == 0.03 and m.on_fail == "stop"  # the published protocol; the gate gates
 
@@ -60,15 +62,20 @@ def test_reference_manifest_plans_11_baselines_and_18_distillations_per_seed(cap
     )
     text = capsys.readouterr().out
     seeds = len(m.seeds)
-    assert f"phase 1: 11 runs per seed x {seeds} seeds = {11 * seeds} runs" in text
-    assert f"phase 2: 18 runs per seed x {seeds} seeds = {18 * seeds} runs" in text
-    assert f"total: {29 * seeds} runs (29 per seed)" in text
+    assert f"phase 1: 12 runs per seed x {seeds} seeds = {12 * seeds} runs" in text
+    assert f"phase 2: 27 runs per seed x {seeds} seeds = {27 * seeds} runs" in text
+    assert f"total: {39 * seeds} runs (39 per seed)" in text
 
 
-def test_demo_manifest_runs_two_seeds_of_the_whole_flow() -> None:
+def test_demo_manifest_runs_three_seeds_of_the_whole_flow() -> None:
     m = load_manifest(ROOT / "config/sweep/demo.yaml")
-    assert len(m.seeds) == 2
+    assert len(m.seeds) >= 3  # the project's own minimum for a mean with a CI
     assert m.phase1 and m.tuning and m.phase2 and m.teacher == "crnn"
+    assert sum(s.model == "tinycnn_cbam" for s in m.phase1) >= 2  # a CBAM grid subset
+    kd = [dict(s.args) for s in m.phase2 if s.baseline == "tinycnn"]
+    alphas = {a["model.init_args.alpha"] for a in kd}
+    temperatures = {a["model.init_args.temperature"] for a in kd}
+    assert len(alphas) >= 2 and len(temperatures) >= 2  # an alpha x T heatmap
     assert m.margin == 0.03 and m.on_fail == "distil"  # the demo shows phase 2, and says why
     for model in m.models.values():
         assert "config/sweep/demo_data.yaml" in model["configs"]
@@ -115,11 +122,15 @@ def test_cli_help_lists_every_option_with_its_default(capsys) -> None:
         "--dry_run {true,false}",
         "--resume",
         "--distil_anyway {true,false}",
-        "--jobs",
+        "--ray_address",
+        "--cpus_per_trial",
+        "--gpus_per_trial",
+        "--max_concurrent_trials",
+        "--retries",
         "--debug",
     ):
         assert option in text
-    assert "default: False" in text and "default: 1" in text
+    assert "default: False" in text and "default: 0.0" in text
 
 
 def test_cli_errors_are_one_line_and_debug_adds_the_traceback(tmp_path: Path, capsys) -> None:
@@ -131,7 +142,7 @@ def test_cli_errors_are_one_line_and_debug_adds_the_traceback(tmp_path: Path, ca
 
     reference = str(ROOT / "config/sweep/reference.yaml")
     assert "--dry-run" in error("--manifest", reference, "--dry-run", code=2)
-    assert "jobs" in error("--manifest", reference, "--jobs", "0", code=2)
+    assert "cpus_per_trial" in error("--manifest", reference, "--cpus_per_trial", "0", code=2)
     assert "missing.yaml" in error("--manifest", str(tmp_path / "missing.yaml"), code=2)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**_manifest_dict(tmp_path), "phase2": [{"name": "x"}]}))
@@ -146,6 +157,29 @@ def test_cli_errors_are_one_line_and_debug_adds_the_traceback(tmp_path: Path, ca
 
 
 # -- a fake runner: results without training ---------------------------------------------------
+
+
+class InlineExecutor:
+    """Runs the trials here, one after the other (the gate and resume logic without Ray).
+
+    ``experiments`` records ``(name, trial keys, restore)`` of every phase.
+    """
+
+    def __init__(self) -> None:
+        self.experiments: list[tuple[str, list[str], bool]] = []
+
+    def threads_per_run(self) -> None:
+        return None
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def run(self, experiment: str, trials: list[Trial], done: Any, restore: bool) -> str:
+        self.experiments.append((experiment, [t.key for t in trials], restore))
+        for trial in trials:
+            ok, note = trial.execute()
+            done(TrialOutcome(trial.key, ok, note))
+        return f"inline {experiment}"
 
 
 def _manifest_dict(tmp_path: Path, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
@@ -291,6 +325,7 @@ def _sweep(
     resume: bool = False,
     distil_anyway: bool = False,
     echo: Any = None,
+    executor: Any = None,
     **changes: Any,
 ) -> Sweep:
     raw = _manifest_dict(tmp_path)
@@ -301,6 +336,7 @@ def _sweep(
         load_manifest(path),
         tmp_path / "out",
         resume=resume,
+        executor=executor or InlineExecutor(),
         runner=runner,
         echo=echo or (lambda s: None),
         distil_anyway=distil_anyway,
@@ -864,7 +900,85 @@ def test_tiny_real_sweep_end_to_end(tmp_path: Path, capsys) -> None:
 
     lines: list[str] = []
     before = runs[0]["data_fingerprint"]
-    Sweep(load_manifest(manifest), out, resume=True, runner=refuse, echo=lines.append).run()
+    Sweep(
+        load_manifest(manifest),
+        out,
+        resume=True,
+        executor=InlineExecutor(),  # `calls` lives in this process
+        runner=refuse,
+        echo=lines.append,
+    ).run()
     assert calls == ["tinycnn", "crnn", "crnn_h16"]  # phase 2 has no teacher left
     rerun = [line for line in lines if "re-running" in line]
     assert len(rerun) == 3 and all(f"data fingerprint {before} -> " in line for line in rerun)
+
+
+# -- on a local Ray runtime ---------------------------------------------------------------------
+
+
+class FailOnce(FakeRunner):
+    """A FakeRunner whose first attempt of each run crashes (a marker file remembers it)."""
+
+    def __init__(self, scores: dict[str, tuple[float, float]], marks: Path) -> None:
+        super().__init__(scores)
+        self.marks = marks
+
+    def __call__(self, run: Run, argv: list[str], run_dir: Path, log_path: Path) -> int:
+        mark = self.marks / f"{run.name}-{run.seed}"
+        if not mark.exists():
+            mark.write_text("crashed once")
+            log_path.write_text("RuntimeError: a node went away\n")
+            return 1
+        return super().__call__(run, argv, run_dir, log_path)
+
+
+def test_a_two_trial_sweep_runs_on_a_local_ray_runtime_retries_and_restores(
+    tmp_path: Path,
+) -> None:
+    """Real Ray Tune: one trial per run, a failed run retried, the experiment restored."""
+    raw = _manifest_dict(tmp_path, seeds=(0,))
+    raw.update(
+        phase1=[{"name": "student", "model": "student"}, {"name": "teacher", "model": "teacher"}],
+        gate={"teacher": "teacher", "margin": 0.05},
+        phase2=[],
+    )
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (marks := tmp_path / "marks").mkdir()
+    runner = FailOnce({"student": (0.6, 0.6), "teacher": (0.8, 0.8)}, marks)
+    out = tmp_path / "out"
+    settings = RaySettings(cpus_per_trial=1, retries=1)
+
+    def sweep(resume: bool, lines: list[str]) -> Sweep:
+        return Sweep(
+            load_manifest(path),
+            out,
+            resume=resume,
+            ray=settings,
+            runner=runner,
+            echo=lines.append,
+            data_probe=runner.data_probe,
+            code_probe=runner.code_probe,
+        )
+
+    lines: list[str] = []
+    first = sweep(False, lines)
+    assert isinstance(first.executor, RayTuneExecutor)
+    assert first.executor.threads_per_run() == 1
+    first.run()
+    runs = _csv_rows(out / "runs.csv")
+    assert [(r["name"], r["status"]) for r in runs] == [("student", "ok"), ("teacher", "ok")]
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "student-0",
+        "teacher-0",
+    ]  # each crashed once
+    assert sum("1/2]" in line or "2/2]" in line for line in lines) == 2  # a line per finished run
+    experiments = [p for p in (out / "ray").iterdir() if p.is_dir()]
+    assert len(experiments) == 1 and experiments[0].name.startswith("phase1-")
+    assert json.loads((out / "gate.json").read_text())["passed"] is True
+
+    again: list[str] = []
+    sweep(True, again).run()
+    assert sum("(resumed)" in line for line in again) == 2
+    assert any(line.endswith(f"restored Tune experiment {experiments[0]}") for line in again)
+    assert [r["status"] for r in _csv_rows(out / "runs.csv")] == ["ok", "ok"]

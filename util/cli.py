@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -35,6 +36,7 @@ from util.callbacks import (
     RunArtifacts,
 )
 from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
+from util.cpu import choose_threads
 from util.errors import condense, debug_requested, report_error
 from util.outputs import prepare_outputs
 from util.redact import mask_tree
@@ -108,6 +110,14 @@ class EarSleepCLI(LightningCLI):
                 "checkpoint.filename": f"best-epoch{{epoch:02d}}-f1{{{MONITOR}:.4f}}",
             }
         )
+        parser.add_argument(
+            "--threads",
+            type=int | str,
+            default="auto",
+            help="intra-op CPU threads of this process: auto (the cores free now: those this "
+            "process may use less the 1-minute load average, at least 1; the EARSLEEP_THREADS "
+            "environment variable overrides it) or a number",
+        )
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         # the front end travels with the model's hyper-parameters into every checkpoint
@@ -171,6 +181,8 @@ class EarSleepCLI(LightningCLI):
         opening a new, otherwise empty run folder.
         """
         cmd = self.config.get("subcommand")
+        if cmd:
+            self._set_threads(self.config[cmd].get("threads", "auto"))
         if not cmd or cmd == "fit" or self._checkpoint is None:
             return
         ckpt = Path(self._checkpoint[0]).resolve()
@@ -187,6 +199,15 @@ class EarSleepCLI(LightningCLI):
         recorded = [d for d in self._checkpoint_dirs if Path(d).resolve() == ckpt.parent]
         for key in ("checkpoint", "last_checkpoint"):
             self.config[cmd][key].dirpath = recorded[0] if recorded else str(ckpt.parent)
+
+    def _set_threads(self, requested: int | str) -> None:
+        """Apply ``--threads`` (:func:`util.cpu.choose_threads`) before anything computes."""
+        try:
+            choice = choose_threads(requested)
+        except ValueError as err:
+            self._parser(self.config["subcommand"]).error(f"--{err}")
+        torch.set_num_threads(choice.threads)
+        self.threads = choice
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         """Parse, then check the options that fail late or unsafely, each in one line.

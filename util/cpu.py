@@ -1,13 +1,34 @@
-"""What this CPU is: its model name and feature flags (for reports and int8 schemes)."""
+"""What this CPU is and how much of it a process gets.
+
+Its model name and feature flags (for reports and int8 schemes), the cores this process
+may run on, and the intra-op thread count earsleep uses by default
+(:func:`choose_threads`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["cpu_flags", "cpu_model", "parse_cpu_flags"]
+__all__ = [
+    "THREADS_ENV",
+    "ThreadChoice",
+    "available_cores",
+    "choose_threads",
+    "cpu_flags",
+    "cpu_model",
+    "other_load",
+    "parse_cpu_flags",
+]
+
+#: Environment variable that fixes the thread count of every earsleep process (an integer).
+THREADS_ENV = "EARSLEEP_THREADS"
 
 
 def cpu_model() -> str:
@@ -58,3 +79,99 @@ def cpu_flags() -> set[str] | None:
             flags.add("avx_vnni")
         return flags
     return None
+
+
+def other_load(samples: int = 5, interval_s: float = 0.02) -> float:
+    """Cores that other work keeps busy, as far as this process can tell (0 where unknown).
+
+    The larger of the one-minute load average and the median number of tasks runnable
+    right now besides this one (Linux ``/proc/loadavg``, sampled ``samples`` times), so
+    that a competing job started seconds ago, which the average does not show yet, counts.
+    """
+    try:
+        average = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        average = 0.0
+    now = []
+    for i in range(max(1, samples)):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            now.append(max(0, int(running) - 1))
+        except (OSError, IndexError, ValueError):
+            break
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(average, float(statistics.median(now)) if now else 0.0)
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container's or ``taskset``'s
+    limit), else :func:`os.cpu_count`."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadChoice:
+    """An intra-op thread count and why it was chosen (for logs and benchmark tables)."""
+
+    threads: int
+    reason: str
+
+
+def choose_threads(
+    requested: int | str | None = "auto",
+    cores: int | None = None,
+    load: float | None = None,
+    processes: int = 1,
+) -> ThreadChoice:
+    """The intra-op thread count for one process.
+
+    ``auto`` gives each process the cores that are free now: the cores it may run on
+    (:func:`available_cores`), less the other work (:func:`other_load`: the one-minute
+    load average, or the tasks runnable right now where that is higher, so that a job
+    started a moment ago counts too), shared by ``processes`` processes, rounded, at
+    least 1. Why: on 2 cores two threads trained 1.5-1.7x faster than one on an idle
+    machine, and 1.6-2.3x slower while each core ran another job's busy process, because
+    every op then waits for a core another job holds
+    (``benchmarks/train_throughput.py --load N``). An integer ``requested`` (or the
+    :data:`THREADS_ENV` environment variable, which ``auto`` reads first) is used as given.
+
+    Args:
+        requested: ``auto``/``None``, or a thread count >= 1 (an int or its string).
+        cores: cores available (default :func:`available_cores`).
+        load: the other work, in busy cores (default :func:`other_load`).
+        processes: processes that share the cores (a sweep's parallel runs).
+
+    Raises:
+        ValueError: ``requested`` (or the environment variable) is not ``auto`` or an
+            integer >= 1; the message names the setting.
+    """
+    source = "requested"
+    if requested is None or requested == "auto":
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if not env:
+            return _auto_threads(cores, load, processes)
+        requested, source = env, THREADS_ENV
+    try:
+        threads = int(requested)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1 or (isinstance(requested, float) and requested != threads):
+        name = THREADS_ENV if source == THREADS_ENV else "threads"
+        raise ValueError(f"{name} must be 'auto' or an integer >= 1, got {requested!r}")
+    return ThreadChoice(threads, f"{threads} thread(s) as {source}")
+
+
+def _auto_threads(cores: int | None, load: float | None, processes: int) -> ThreadChoice:
+    cores = available_cores() if cores is None else max(1, int(cores))
+    if load is None:
+        load = other_load()
+    free = max(0.0, cores - max(0.0, float(load)))
+    threads = max(1, min(cores, round(free / max(1, processes))))
+    return ThreadChoice(
+        threads,
+        f"{threads} thread(s): {cores} core(s) available, load {load:.1f}, {processes} process(es)",
+    )

@@ -9,23 +9,52 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from data.recordings import RecordingWindows
 from models.task import Task
 from util.deploy.runtime import ExportError, OnnxRuntimeRunner
+from util.night.shared_windows import SharedWindowRunner
+from util.night.tinycnn_graphs import supports_tinycnn
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
+
+
+def window_hop_frames(trainer: pl.Trainer) -> int | None:
+    """Front-end frames between the predict windows, when the predict data are long
+    recordings (:class:`data.recordings.RecordingWindows`) cut at a whole number of
+    frame hops; else ``None``."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    hops = set()
+    for loader in loaders:
+        data = getattr(loader, "dataset", None)
+        frame = getattr(getattr(data, "front_end", None), "hop_length", None)
+        if not isinstance(data, RecordingWindows) or not frame:
+            return None
+        if data.hop_samples % int(frame):
+            return None
+        hops.add(data.hop_samples // int(frame))
+    return hops.pop() if len(hops) == 1 else None
 
 
 class PredictEngine(Callback):
     """Run ``predict`` on ONNX Runtime or PyTorch (``--predict_engine.runtime``).
 
-    ``onnxruntime`` exports the model to ONNX once when prediction starts, checks the
-    logits against PyTorch (within 1e-4) and runs ONNX Runtime on the CPU, about twice
-    as fast as eager PyTorch for the tiny CNNs (:class:`util.deploy.runtime.OnnxRuntimeRunner`);
-    ``torch`` runs PyTorch; ``auto`` takes ONNX Runtime on a CPU and PyTorch on a GPU,
-    or when the export or its check fails (with a warning). Training, validation and
-    testing always run PyTorch. The runner is handed to the task as its
-    ``predict_runner`` for the duration of the predict run; the task itself stays plain
-    PyTorch.
+    ``onnxruntime`` builds an ONNX Runtime model once when prediction starts, checks its
+    logits against PyTorch (within 1e-4) and runs it on the CPU, about twice as fast as
+    eager PyTorch for the tiny CNNs; ``torch`` runs PyTorch; ``auto`` takes ONNX Runtime
+    on a CPU and PyTorch on a GPU, or when the export or its check fails (with a
+    warning). Training, validation and testing always run PyTorch. The runner is handed
+    to the task as its ``predict_runner`` for the duration of the predict run; the task
+    itself stays plain PyTorch.
+
+    Which ONNX Runtime model: a plain TinyCNN
+    (:func:`util.night.tinycnn_graphs.supports_tinycnn`) gets
+    :class:`util.night.shared_windows.SharedWindowRunner`, its layers written straight
+    as ONNX graphs (milliseconds, where the exporter takes seconds), which over the
+    overlapping windows of a night computes what they share once; every other backbone
+    is exported whole (:class:`util.deploy.runtime.OnnxRuntimeRunner`). Both give the
+    per-window logits to float rounding. ONNX Runtime runs ``torch.get_num_threads()``
+    intra-op threads: what ``--threads`` chose (:func:`util.cpu.choose_threads`).
 
     Args:
         runtime: ``auto``, ``torch`` or ``onnxruntime``.
@@ -49,10 +78,16 @@ class PredictEngine(Callback):
                 f"predict_engine.runtime onnxruntime runs on the CPU but the model is on "
                 f"{pl_module.device}; use --predict_engine.runtime torch (or auto)"
             )
+        threads = torch.get_num_threads()
         try:
-            pl_module.predict_runner = OnnxRuntimeRunner(
-                pl_module, pl_module.input_shape, threads=torch.get_num_threads()
-            )
+            if supports_tinycnn(pl_module) is None:
+                pl_module.predict_runner = SharedWindowRunner(
+                    pl_module, window_hop_frames(trainer), threads=threads
+                )
+            else:
+                pl_module.predict_runner = OnnxRuntimeRunner(
+                    pl_module, pl_module.input_shape, threads=threads
+                )
         except ExportError as err:
             if runtime == "onnxruntime":
                 raise

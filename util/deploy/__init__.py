@@ -16,6 +16,8 @@ One job a module:
 - :mod:`~util.deploy.quantize`: INT8 schemes, calibration, quantisation, the int8 guard;
 - :mod:`~util.deploy.runtime`: ONNX Runtime sessions, parity, scoring, the predict runner;
 - :mod:`~util.deploy.data`: the run's validation and test splits;
+- :mod:`~util.deploy.audio_in`: the audio-in file (front end + classifier + softmax in
+  one graph, ``--audio_in true``);
 - :mod:`~util.deploy.export`: the whole pipeline and its report;
 - ``__main__``: the command line.
 """

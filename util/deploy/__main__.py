@@ -1,4 +1,4 @@
-"""``python -m util.deploy --ckpt_path <run>/checkpoints/best-….ckpt [--int8 true] ...``.
+"""``python -m util.deploy --ckpt_path <run>/checkpoints/best-….ckpt [--int8 true] [--audio_in true]``.
 
 The options are :func:`util.deploy.export.export_checkpoint`'s arguments, read from its
 signature and docstring by jsonargparse, so each is documented once and ``--help`` shows
@@ -37,7 +37,9 @@ def build_parser() -> EarSleepParser:
             "Export a trained earsleep checkpoint (plain or KD student) to ONNX with dynamic "
             "batch and time axes, check it against PyTorch on validation clips, optionally "
             "quantise it to static INT8, and score every file on the test split. Writes "
-            f"<backbone>.onnx, <backbone>.int8.onnx and {REPORT_NAME} into --out. "
+            f"<backbone>.onnx, <backbone>.int8.onnx and {REPORT_NAME} into --out; "
+            "--audio_in true also writes <backbone>.audio.onnx (two-channel audio in, "
+            "class probabilities out: the whole pipeline for onnxruntime alone). "
             f"--debug (or {DEBUG_ENV}=1) prints the traceback of a failure."
         ),
     )

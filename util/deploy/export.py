@@ -25,6 +25,7 @@ import torch
 
 from models.classifier import Classifier
 from util.checkpoint import CheckpointError, read_checkpoint
+from util.deploy.audio_in import export_audio_checked, front_end_from_config
 from util.deploy.data import Split, export_data
 from util.deploy.errors import ExportError, Int8LossError, ParityError
 from util.deploy.onnx import INPUT_NAME, OUTPUT_NAME, backbone_name, export_onnx
@@ -112,6 +113,7 @@ def export_checkpoint(
     threads: int = 0,
     seed: int = 0,
     progress: bool = True,
+    audio_in: bool = False,
 ) -> dict[str, Any]:
     """Export a trained earsleep checkpoint (plain or KD student) to checked ONNX files.
 
@@ -153,6 +155,11 @@ def export_checkpoint(
         threads: ONNX Runtime threads for scoring (0: all cores).
         seed: seed of the clip samples.
         progress: show progress bars.
+        audio_in: also write <backbone>.audio.onnx, the whole pipeline (two-channel audio
+            (batch, 2, samples) at the front end's rate in, softmax probabilities out:
+            front end, standardisation, backbone), checked against the PyTorch pipeline
+            on synthetic audio within 1e-4; with int8 also <backbone>.audio.int8.onnx
+            (float front end, the int8 file's classifier). See util/deploy/audio_in.py.
 
     Returns:
         The report (also written to ``<out>/export_report.json``).
@@ -272,6 +279,17 @@ def export_checkpoint(
             report["files"]["int8"].update(path=str(kept), rejected=True)
             rejected = _int8_loss(guard, scheme, reason, n_val, max_int8_drop_pp, kept)
             del sessions["int8"]
+
+    if audio_in:
+        report["audio_in"] = export_audio_checked(
+            model,
+            fp32_path,
+            out_dir / f"{stem}.audio.onnx",
+            front_end=front_end_from_config(data.feature_config),
+            int8_path=int8_path if "int8" in sessions else None,
+            seed=seed,
+            threads=threads,
+        )
 
     rows = test.sample(test_clips, seed + 2)
     tester = _Scorer(test, rows, batch_size, len(data.class_names), progress, "test")
@@ -452,5 +470,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"validation {-val['f1_macro_drop_pp']:+.2f} pp, "
             f"{100 * val['int8_agreement_with_fp32']:.2f}% (allowed loss {val['max_drop_pp']:g} pp)",
         ]
+    for name, file in report.get("audio_in", {}).items():
+        if name in ("fp32", "int8"):
+            check = file.get("parity") or file["vs_int8_features_file"]
+            versus = "PyTorch" if name == "fp32" else "the int8 file on PyTorch features"
+            lines.append(
+                f"audio-in {name} {file['path']} ({file['bytes'] / 1024:.1f} KiB): max "
+                f"|probability diff| vs {versus} {check['max_abs_diff']:.2e} on "
+                f"{check['clips']} synthetic clips"
+            )
     lines.append(f"report: {report.get('report_path', '')}")
     return "\n".join(lines)

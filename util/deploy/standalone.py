@@ -398,6 +398,11 @@ class StandaloneModel:
         self.path = Path(path)
         self.session = _open_session(self.path, threads)
         self.metadata = read_metadata(self.session)
+        if self.metadata.get("input") == "audio":
+            raise StandaloneError(
+                f"{self.path} takes audio, not features (an --audio_in export): run it with "
+                "onnxruntime directly: session.run(['probabilities'], {'audio': audio[None]})"
+            )
         for name in ("class_names", "input_shape", "feature_config"):
             if name not in self.metadata:
                 raise StandaloneError(

@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m util.sweep --manifest config/sweep/reference.yaml --dry_run true
     python -m util.sweep --manifest config/sweep/demo.yaml [--out log/sweeps/demo] [--resume true]
     python -m util.sweep --manifest config/sweep/reference.yaml --distil_anyway true
+    python -m util.sweep --manifest config/sweep/reference.yaml --ray_address auto --gpus_per_trial 0.25
 
 Flow:
 
@@ -29,8 +30,10 @@ macro-F1 no better than always answering the majority class, on test or validati
 flagged in ``runs.csv``, counted per configuration in the summary, and never chosen:
 not as a best, the teacher, the best student of the gate, or a baseline.
 
-Each run is ``main.py fit`` then ``test`` on the best checkpoint, in its own subprocess;
-a crash is recorded as failed and the sweep goes on. The sweep writes ``runs.csv`` (one
+Each run is ``main.py fit`` then ``test`` on the best checkpoint, in its own subprocess,
+as one Ray Tune trial (:mod:`util.sweep.tune`: a local Ray runtime by default, a cluster
+with ``--ray_address``; CPUs and fractional GPUs per run; retries; the phase's Tune
+experiment restored on resume); a crash is recorded as failed and the sweep goes on. The sweep writes ``runs.csv`` (one
 row per run), ``gate.json``, ``summary.csv`` and ``summary.md``: per configuration the
 mean ± std over seeds and a bootstrap 95% interval of the test macro-F1 from the stored
 ``test_predictions.csv``. The best configuration is chosen on the validation score only;
@@ -47,6 +50,7 @@ One job a module:
 - :mod:`util.sweep.manifest`: the YAML manifest (its format is documented there), grid
   expansion and the collapse of equal runs;
 - :mod:`util.sweep.run`: one run's command line, its subprocess and its results;
+- :mod:`util.sweep.tune`: where runs execute (Ray Tune experiments, one per phase);
 - :mod:`util.sweep.stats`: mean ± std, the bootstrap interval, the teacher gate;
 - :mod:`util.sweep.report`: progress lines, CSV tables, ``summary.md``;
 - :mod:`util.sweep.sweep`: :class:`Sweep`, which plans, runs, resumes and summarises;

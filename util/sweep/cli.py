@@ -12,12 +12,13 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from tqdm import tqdm
 
 from util.errors import add_debug_option, condense, debug_requested, report_error
 from util.sweep.manifest import ROOT, ManifestError, load_manifest
 from util.sweep.sweep import Sweep
+from util.sweep.tune import RaySettings
 
 __all__ = ["PROG", "build_parser", "main"]
 
@@ -58,10 +59,36 @@ def build_parser() -> ArgumentParser:
         "(as the manifest's gate.on_fail: distil does); the summary says it was forced",
     )
     parser.add_argument(
-        "--jobs",
-        type=PositiveInt,
-        default=1,
-        help="runs trained at once (CPU threads are divided between them)",
+        "--ray_address",
+        type=str | None,
+        default=None,
+        help="Ray cluster to run on (auto, ray://host:10001; its nodes must see this checkout "
+        "and --out at the same paths); null starts a local Ray runtime for the sweep",
+    )
+    parser.add_argument(
+        "--cpus_per_trial",
+        type=PositiveFloat | None,
+        default=None,
+        help="CPUs reserved per run, which is also its thread count (null: every core of the "
+        "local runtime, one run at a time; 1 on a cluster); e.g. 1 on 2 cores trains 2 at once",
+    )
+    parser.add_argument(
+        "--gpus_per_trial",
+        type=NonNegativeFloat,
+        default=0.0,
+        help="GPUs per run; a fraction (0.25) lets several tiny runs share one GPU",
+    )
+    parser.add_argument(
+        "--max_concurrent_trials",
+        type=NonNegativeInt,
+        default=0,
+        help="most runs at once (0: as many as the CPUs and GPUs allow)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=NonNegativeInt,
+        default=0,
+        help="times Ray Tune tries a failed run again before it counts as failed",
     )
     add_debug_option(parser)
     return parser
@@ -93,7 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest,
         out,
         resume=args.resume,
-        jobs=args.jobs,
+        ray=RaySettings(
+            address=args.ray_address,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            max_concurrent_trials=args.max_concurrent_trials,
+            retries=args.retries,
+        ),
         echo=echo,
         distil_anyway=args.distil_anyway,
     )

@@ -1,7 +1,8 @@
 """One sweep run: its command line, its execution in a fresh process, and what it left behind.
 
 Each run is ``main.py fit`` followed by ``test`` on the best checkpoint, in its own
-subprocess (:func:`fit_and_test`): a crash is one failed run, not a failed sweep. A run
+subprocess (:func:`fit_and_test`), started by the Ray Tune trial that
+:mod:`util.sweep.tune` placed: a crash is one failed run, not a failed sweep. A run
 lives in ``<out>/runs/<name>/seed<s>/`` (TensorBoard events, checkpoints, the artifacts
 of :class:`~util.callbacks.RunArtifacts` and :class:`~util.callbacks.Provenance`,
 ``run.log`` and ``sweep_run.json``).
@@ -35,6 +36,7 @@ from models.task import MONITOR
 from util.callbacks.provenance import data_fingerprint_hash
 from util.redact import mask_text
 from util.sweep.manifest import ROOT, Spec, cli_value
+from util.sweep.tune import thread_env
 
 __all__ = [
     "BEST_SCORE",
@@ -366,13 +368,15 @@ def subprocess_runner(threads: int | None = None) -> Runner:
     """The default runner: :func:`fit_and_test` in a fresh Python, output to the run's log.
 
     Args:
-        threads: ``OMP_NUM_THREADS`` for each run (``None`` leaves the environment as is).
+        threads: intra-op threads of each run (``EARSLEEP_THREADS`` and ``OMP_NUM_THREADS``,
+            unless the sweep's own environment sets them); ``None`` lets each run choose
+            (:func:`util.cpu.choose_threads`).
     """
 
     def run(run: Run, argv: list[str], run_dir: Path, log_path: Path) -> int:
         env = dict(os.environ)
-        if threads is not None and "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = str(threads)
+        for key, value in thread_env(threads).items():
+            env.setdefault(key, value)
         with open(log_path, "w") as log:
             log.write("$ python main.py " + mask_text(" ".join(argv)) + "\n")
             log.flush()

@@ -12,12 +12,13 @@ output folder beside ``runs/`` and ``leaderboard.csv``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,17 @@ from util.sweep.run import (
     subprocess_runner,
 )
 from util.sweep.stats import GateDecision, best_of, eligible_score, evaluate_gate
+from util.sweep.tune import Executor, RaySettings, RayTuneExecutor, Trial, TrialOutcome
 
 __all__ = ["Sweep", "SweepError"]
 
 #: Run settings that decide the data a run reads (the data probe's cache key).
 _DATA_KEYS = ("data", "data.")
+
+
+def _reused() -> tuple[bool, str]:
+    """The trial of a run that a resume reuses: nothing to train."""
+    return True, "resumed"
 
 
 class SweepError(RuntimeError):
@@ -61,10 +68,13 @@ class Sweep:
         out: output folder (``runs/``, ``leaderboard.csv``, summaries).
         resume: reuse runs already finished with the same configuration, seed, data
             fingerprint and code version; say what differed for every other one.
-        jobs: runs trained at once (the first run of each phase runs alone, so a
-            shared spectrogram cache is built once).
+        ray: how runs are spread (:class:`~util.sweep.tune.RaySettings`: a local Ray
+            runtime by default, or a cluster's address; resources per run; retries).
+        executor: where runs execute (default: :class:`~util.sweep.tune.RayTuneExecutor`
+            with ``ray``; tests pass an in-process one).
         runner: how to execute one run (default: a subprocess of
-            :func:`~util.sweep.run.fit_and_test`).
+            :func:`~util.sweep.run.fit_and_test`, its threads pinned to the CPUs the
+            executor reserves per run).
         root: the repository root (configs are relative to it).
         echo: where progress lines go.
         distil_anyway: run phase 2 even when no teacher meets the gate's margin after
@@ -80,7 +90,8 @@ class Sweep:
         manifest: Manifest,
         out: str | os.PathLike[str],
         resume: bool = False,
-        jobs: int = 1,
+        ray: RaySettings | None = None,
+        executor: Executor | None = None,
         runner: Runner | None = None,
         root: str | os.PathLike[str] = ROOT,
         echo: Callable[[str], None] = tqdm.write,
@@ -88,14 +99,11 @@ class Sweep:
         data_probe: Callable[[list[str]], str | None] | None = None,
         code_probe: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
-        if jobs < 1:
-            raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.manifest = manifest
         self.out = Path(out).resolve()
         self.resume = resume
-        self.jobs = jobs
-        cpus = os.cpu_count() or 1
-        self.runner = runner or subprocess_runner(max(1, cpus // jobs) if jobs > 1 else None)
+        self.executor = executor or RayTuneExecutor(ray or RaySettings(), self.out / "ray")
+        self.runner = runner or subprocess_runner(self.executor.threads_per_run())
         self.root = Path(root)
         self.echo = echo
         self.distil_anyway = distil_anyway
@@ -245,6 +253,8 @@ class Sweep:
             note = "" if code == 0 else f"exit code {code}: {last_line(log_path)}"
         except Exception as err:  # a runner failure is one failed run, not a failed sweep
             code, note = -1, f"{type(err).__name__}: {err}"
+        if code == 0 and not (run_dir / "metrics.json").is_file():
+            note = f"finished without test metrics (metrics.json has no {TEST_SCORE})"
         record = {
             "phase": run.phase,
             "name": run.name,
@@ -263,14 +273,22 @@ class Sweep:
             result.note = f"finished without test metrics (metrics.json has no {TEST_SCORE})"
         return result
 
+    def _trial(self, run: Run) -> tuple[bool, str]:
+        """Execute one run where the executor placed it; ``(succeeded, note)``."""
+        result = self._execute_one(run)
+        return result.status == "ok", result.note
+
     def execute(self, runs: Sequence[Run], title: str) -> list[RunResult]:
-        """Run (or reuse, or skip) ``runs``; one line per run, a bar over the phase.
+        """Run (or reuse, or skip) ``runs`` as one executor experiment; a line per run.
 
         On resume, every run is checked before any trains (the data probe prints into a
-        captured stdout, which must not meet a training thread's progress lines).
+        captured stdout, which must not meet a training thread's progress lines). The
+        phase's earlier Tune experiment is restored when no run it finished has changed
+        since (a changed one must train again, which a restored experiment would not do).
         """
         results: dict[int, RunResult] = {}
-        todo = []
+        todo: list[int] = []
+        changed_finished = False
         for i, run in enumerate(runs):
             if run.status == "skipped":
                 out = str(run.run_dir(self.out))
@@ -285,28 +303,52 @@ class Sweep:
                 continue
             if diffs:
                 self.echo(f"[{title}] re-running {run.name} seed {run.seed}: {'; '.join(diffs)}")
+                record = read_json(run.run_dir(self.out) / RUN_RECORD) or {}
+                changed_finished |= record.get("status") == "ok"
             todo.append(i)
         bar = tqdm(total=len(runs), desc=title, unit="run", initial=len(results), leave=False)
+        reused = set(results)
+        keys = {
+            f"{run.name}/seed{run.seed}": i for i, run in enumerate(runs) if run.status != "skipped"
+        }
 
-        def one(i: int) -> None:
-            result = self._execute_one(runs[i])
+        def done(outcome: TrialOutcome) -> None:
+            i = keys[outcome.key]
+            if i in reused:  # read and printed above
+                return
+            result = read_result(runs[i], self.out)
+            if result.status == "missing":  # the trial ended before writing its record
+                result.status, result.note = "failed", outcome.note or "the trial did not run"
             results[i] = result
             bar.update()
             self.echo(f"[{title} {len(results)}/{len(runs)}] {run_line(result)}")
 
+        trials = [
+            Trial(k, _reused if i in reused else functools.partial(self._trial, runs[i]))
+            for k, i in keys.items()
+        ]
         try:
-            if todo and self.jobs > 1:
-                one(todo[0])  # builds the shared cache alone
-                with ThreadPoolExecutor(self.jobs) as pool:
-                    list(pool.map(one, todo[1:]))
-            else:
-                for i in todo:
-                    one(i)
+            how = self.executor.run(
+                self._experiment_name(runs[0].phase if runs else title, list(keys)),
+                trials,
+                done,
+                restore=self.resume and not changed_finished,
+            )
         finally:
             bar.close()
+        if how:
+            self.echo(f"[{title}] {how}")
+        for i in todo:  # a trial the executor lost is one failed run
+            if i not in results:
+                done(TrialOutcome(f"{runs[i].name}/seed{runs[i].seed}", False, "no outcome"))
         ordered = [results[i] for i in range(len(runs))]
         self.results.extend(ordered)
         return ordered
+
+    @staticmethod
+    def _experiment_name(phase: str, keys: Sequence[str]) -> str:
+        """``<phase>-<hash of its runs>``: a resumed sweep finds the same experiment."""
+        return f"{phase}-{hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()[:8]}"
 
     def run(self) -> list[dict[str, Any]]:
         """Phase 1, the gate (and tuning), phase 2 if it may, then the summary; returns its rows.
@@ -314,10 +356,14 @@ class Sweep:
         Raises:
             SweepError: the output folder holds runs of a sweep and ``resume`` is off.
         """
-        m = self.manifest
         self._check_out()
         self.out.mkdir(parents=True, exist_ok=True)
         self.echo(self.plan_text())
+        with self.executor.session():
+            return self._run_phases()
+
+    def _run_phases(self) -> list[dict[str, Any]]:
+        m = self.manifest
         phase1 = self.execute(self.runs_for("phase1", m.phase1), PHASE_TITLES["phase1"])
         self.gate = evaluate_gate(phase1, m.teacher, m.students, m.margin)
         self.echo(self.gate.describe())

@@ -1,0 +1,357 @@
+"""TinyCNN over overlapping windows, with the work the windows share computed once.
+
+Windows every ``hop`` frames over a night overlap (1-s windows every 0.5 s share half
+their frames), and a convolution is the same along time, so a TinyCNN layer can run once
+over the long stream of frames instead of once per window. What differs is the edges:
+each window is zero-padded on its own (and the front end's first and last frames are the
+window's own), so near its ends a window's maps are not the stream's. The result must be
+the per-window one, so :class:`SharedWindowRunner` keeps, per window, the few columns at
+each end that differ (its *patches*) and recomputes just those, layer by layer, from
+narrow slabs: the window's own columns where they differ, the stream's where they are
+the same. The interior comes from the stream. Everything agrees with running
+:class:`models.classifier.Classifier` on each window to float rounding.
+
+Where a pooling stride does not divide the hop (0.5 s is 50 frames: 25 after the first
+pool, odd, so the second pool pairs columns differently in odd and even windows), the
+layer's conv still runs on the stream, is pooled in both phases, and the windows are cut
+out there; the remaining layers run per window. A hop that is a multiple of 8 frames
+(0.48 s) can share all three layers. A layer is shared only where that pays
+(:data:`SHARE_IF`): the recomputed edges stay 2-3 columns wide while the windows halve, so
+at the default 0.5 s the saving is small and every layer runs per window; dense hops
+(0.1 s) share. See :func:`plan_layers`.
+
+Only a plain TinyCNN qualifies (:func:`util.night.tinycnn_graphs.supports_tinycnn`):
+TinyCNN-CBAM's attention and CRNN's recurrent head look at a whole window at once, so
+they keep the per-window path (:class:`util.deploy.runtime.OnnxRuntimeRunner`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from models.task import Task
+from util.deploy.errors import ParityError
+from util.night.tinycnn_graphs import session, stack_graph, supports_tinycnn, tinycnn_layers
+
+__all__ = ["LayerStep", "SharedWindowRunner", "plan_layers"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStep:
+    """How one TinyCNN layer runs for windows of width ``width`` every ``hop`` columns.
+
+    ``mode``: ``stream`` (conv and pool on the shared stream), ``phases`` (conv on the
+    stream, pooled in both phases, windows cut out after it), or ``windows`` (windows cut
+    out before it). ``left``/``right``: columns at each end of the layer's input that
+    differ from the stream.
+    """
+
+    mode: str
+    width: int
+    hop: int
+    left: int
+    right: int
+
+    @property
+    def out_left(self) -> int:
+        """Columns at the left end of the pooled output that differ from the stream."""
+        return -(-(self.left + 1) // 2)
+
+    @property
+    def right_start(self) -> int:
+        """First pooled output column, from the right, that differs from the stream."""
+        return (self.width - self.right - 1) // 2
+
+    @property
+    def out_right(self) -> int:
+        """Columns at the right end of the pooled output that differ from the stream."""
+        return self.width // 2 - self.right_start
+
+
+def plan_layers(
+    width: int, hop: int, left: int, right: int, layers: int, depth: int | None = None
+) -> list[LayerStep]:
+    """The steps for ``layers`` TinyCNN layers over windows ``width`` columns wide.
+
+    A layer is shared while that pays (:data:`SHARE_IF`, or for the first ``depth``
+    layers when given) and its slabs fit inside the window; the first layer that is not
+    is ``windows`` (cut out before it), the first with an odd hop ``phases``; with every
+    layer shared, windows are cut from the final maps.
+    """
+    steps = []
+    for i in range(layers):
+        probe = LayerStep("stream", width, hop, left, right)
+        slab_columns = 2 * probe.out_left + 1 + width - 2 * probe.right_start + 2
+        fits = (
+            2 * probe.out_left + 1 <= width - right  # left slab: stream columns inside
+            and 2 * probe.right_start - 2 >= left  # right slab too
+            and probe.out_left + probe.out_right < width // 2
+            and hop < width
+        )
+        cost = (hop * (PHASES_COST if hop % 2 else 1.0) + slab_columns) / width
+        pays = cost <= SHARE_IF if depth is None else i < depth
+        if not (fits and pays):
+            steps.append(dataclasses.replace(probe, mode="windows"))
+            return steps
+        if hop % 2:
+            steps.append(dataclasses.replace(probe, mode="phases"))
+            return steps
+        steps.append(probe)
+        width, hop, left, right = width // 2, hop // 2, probe.out_left, probe.out_right
+    return steps
+
+
+#: Share a layer when its stream and slab columns per window, over the window's columns,
+#: are at most this. Measured (``benchmarks/night.py --hop_s``, 1 thread, batch 64):
+#: at a 0.5-s or 0.48-s hop the first layer scores 0.59/0.57, and sharing it (or two
+#: layers at 0.48 s) ran no faster than per window, because the numpy work of building
+#: the stream and the slabs eats the half of the first conv it saves; at 0.1 s (0.2
+#: and 0.43) sharing two layers took 25 % less time than per window.
+SHARE_IF = 0.5
+#: Relative cost per column of a conv pooled in both phases (unfused pool and a shifted
+#: copy; at a 0.25-s hop, sharing the first layer that way was 10 % slower).
+PHASES_COST = 2.5
+
+
+class SharedWindowRunner:
+    """TinyCNN logits for a batch of consecutive overlapping windows, shared work once.
+
+    Called with features ``(K, C, F, T)`` of windows ``hop_frames`` frames apart (a batch
+    of :class:`data.recordings.RecordingWindows`), returns logits ``(K, classes)`` equal
+    (to float rounding) to the task's forward on each window. Which frames a window
+    shares with the stream is read off the batch itself: the stream is assembled from
+    the windows' middles and every window is compared with it, so a frame that differs
+    (the front end's edge frames) is a patch, never assumed. A batch of one window, or
+    one whose windows do not overlap as promised, runs per window. Runs on ONNX Runtime
+    (:mod:`util.night.tinycnn_graphs`).
+
+    Args:
+        model: a TinyCNN task (:func:`util.night.tinycnn_graphs.supports_tinycnn`).
+        hop_frames: frames between window starts; ``None`` when the batches are not
+            windows of one stream (every batch then runs per window).
+        threads: ONNX Runtime intra-op threads.
+        tolerance: the largest |logit difference| from PyTorch allowed by the check
+            at construction (random windows, shared and per-window paths).
+        depth: share exactly the first ``depth`` layers where they fit, instead of
+            those that pay (:func:`plan_layers`; for benchmarks).
+
+    Raises:
+        ValueError: the model is not a plain TinyCNN task, or ``hop_frames`` < 1.
+        ParityError: the check fails (the message gives the difference).
+    """
+
+    def __init__(
+        self,
+        model: Task,
+        hop_frames: int | None,
+        threads: int = 1,
+        tolerance: float = 1e-4,
+        depth: int | None = None,
+    ) -> None:
+        reason = supports_tinycnn(model)
+        if reason is not None:
+            raise ValueError(f"shared windows need a plain TinyCNN: {reason}")
+        if hop_frames is not None and int(hop_frames) < 1:
+            raise ValueError(f"hop_frames must be at least 1, got {hop_frames}")
+        #: Frames between windows (``None``: every batch per window).
+        self.hop = None if hop_frames is None else int(hop_frames)
+        self.depth = depth
+        self.input_shape = tuple(int(d) for d in model.input_shape)
+        self.layers, head_w, head_b = tinycnn_layers(model)
+        std = None
+        if model.normalize:
+            std = tuple(t.detach().float().cpu().numpy() for t in (model.band_mean, model.band_std))
+        n = len(self.layers)
+        graphs = {}
+        for i in range(n):
+            first = std if i == 0 else None
+            graphs[("pool", i)] = stack_graph(self.layers[i : i + 1], [True], standardize=first)
+            graphs[("phases", i)] = stack_graph(
+                self.layers[i : i + 1], [False], standardize=first, phases=True
+            )
+        for j in range(n + 1):
+            graphs[("tail", j)] = stack_graph(
+                self.layers[j:], [True] * (n - j), (head_w, head_b), std if j == 0 else None
+            )
+        self._graphs = graphs
+        self._threads = int(threads)
+        self._sessions: dict = {}
+        self.num_outputs = int(head_w.shape[0])
+        #: Batches run shared and per window since construction (the check's excluded).
+        self.counts = {"shared": 0, "per_window": 0}
+        self.parity = self._check(model, tolerance)
+        self.counts = {"shared": 0, "per_window": 0}
+
+    def _run(self, key: tuple[str, int], x: np.ndarray) -> list[np.ndarray]:
+        if key not in self._sessions:
+            self._sessions[key] = session(self._graphs[key], self._threads)
+        return self._sessions[key].run(None, {"x": np.ascontiguousarray(x, np.float32)})
+
+    def plan(self, width: int, left: int, right: int) -> list[LayerStep]:
+        """The layer steps for windows of ``width`` frames with ``left``/``right`` own
+        frames at their ends (:func:`plan_layers`)."""
+        if self.hop is None:
+            return []
+        return plan_layers(width, self.hop, left, right, len(self.layers), self.depth)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        windows = x.detach().to("cpu", torch.float32).numpy()
+        if len(windows) == 0:
+            return torch.zeros(0, self.num_outputs)
+        return torch.from_numpy(self.logits(windows))
+
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """Logits ``(K, classes)`` of float32 windows ``(K, C, F, T)`` (numpy in and out)."""
+        k, _, _, width = windows.shape
+        shared = None
+        # Building and checking the stream costs a little: only where sharing can pay
+        # with the front end's usual two own frames at each end.
+        hopeful = self.plan(width, 2, 2)
+        if k > 1 and hopeful and hopeful[0].mode != "windows":
+            shared = self._stream(windows)
+        steps = self.plan(width, *shared[1:]) if shared is not None else []
+        if not steps or steps[0].mode == "windows":
+            self.counts["per_window"] += 1
+            return self._run(("tail", 0), windows)[0]
+        self.counts["shared"] += 1
+        stream, left, right = shared
+        lpatch, rpatch = windows[..., :left], windows[..., width - right :]
+        hop = self.hop  # window k starts at column k·hop of this layer's stream
+        for i, step in enumerate(steps):
+            if step.mode == "windows":
+                cut = _cut([stream], k, hop, step.width, lpatch, rpatch)
+                return self._run(("tail", i), cut)[0]
+            lnext, rnext = self._patches(i, step, stream, k, lpatch, rpatch)
+            if step.mode == "phases":
+                phases = [p[0] for p in self._run(("phases", i), stream[None])]
+                cut = _cut(phases, k, hop, step.width // 2, lnext, rnext)
+                return self._run(("tail", i + 1), cut)[0]
+            stream = self._run(("pool", i), stream[None])[0][0]
+            hop, lpatch, rpatch = hop // 2, lnext, rnext
+        cut = _cut([stream], k, hop, steps[-1].width // 2, lpatch, rpatch)
+        return self._run(("tail", len(self.layers)), cut)[0]
+
+    def _stream(self, windows: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+        """The shared stream ``(C, F, N)`` and the own columns at each window end.
+
+        Window ``k``'s columns ``[c, c + hop)`` (``c`` centred) are the stream's at
+        ``k·hop + c``; the first window gives the stream's start, the last its end. Each
+        window is then compared with the stream, exactly: ``left``/``right`` are the
+        widest runs at its ends that hold any difference, and everything between them
+        equals the stream. ``None`` when the differences reach the middles: not
+        windows of one stream.
+        """
+        k, c, f, width = windows.shape
+        hop = self.hop
+        core = (width - hop) // 2
+        total = (k - 1) * hop + width
+        stream = np.empty((c, f, total), np.float32)
+        middles = windows[..., core : core + hop].transpose(1, 2, 0, 3)
+        stream[..., core : core + k * hop] = middles.reshape(c, f, k * hop)
+        stream[..., :core] = windows[0, ..., :core]
+        stream[..., core + k * hop :] = windows[-1, ..., core + hop :]
+        # The middles are the stream's by construction, and so are the first window's
+        # start and the last one's end: compare the rest.
+        tail = width - core - hop
+        heads = windows[1:, ..., :core] != _columns(stream, hop, hop, k - 1, core)
+        ends = windows[:-1, ..., core + hop :] != _columns(stream, core + hop, hop, k - 1, tail)
+        lefts = np.flatnonzero(heads.reshape(-1, core).any(axis=0))
+        rights = np.flatnonzero(ends.reshape(-1, tail).any(axis=0))
+        left = int(lefts[-1]) + 1 if len(lefts) else 0
+        right = tail - int(rights[0]) if len(rights) else 0
+        if left >= core or right >= tail:  # different right up to the middles
+            return None
+        return stream, left, right
+
+    def _patches(
+        self,
+        i: int,
+        step: LayerStep,
+        stream: np.ndarray,
+        count: int,
+        lpatch: np.ndarray,
+        rpatch: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``i``'s pooled output at the windows' ends, from narrow slabs.
+
+        Left: the window's columns ``[0, 2·out_left + 1)`` (its own, then the stream's),
+        conv-pooled with the window's zero padding. Right: columns from the even column
+        ``2·right_start - 2`` to the end, whose first pooled column is dropped (its conv
+        lacks a left neighbour).
+        """
+        width, left, right = step.width, step.left, step.right
+        lwidth = 2 * step.out_left + 1
+        rfrom = 2 * step.right_start - 2
+        hop, inner = step.hop, width - right - rfrom
+        lslab = np.empty((count, *stream.shape[:2], lwidth), np.float32)
+        lslab[..., :left] = lpatch
+        lslab[..., left:] = _columns(stream, left, hop, count, lwidth - left)
+        rslab = np.empty((count, *stream.shape[:2], width - rfrom), np.float32)
+        rslab[..., :inner] = _columns(stream, rfrom, hop, count, inner)
+        rslab[..., inner:] = rpatch
+        lnext = self._run(("pool", i), lslab)[0][..., : step.out_left]
+        rnext = self._run(("pool", i), rslab)[0][..., 1 : 1 + step.out_right]
+        return lnext, rnext
+
+    def _check(self, model: Task, tolerance: float) -> dict[str, float]:
+        """Compare shared and per-window logits with PyTorch's on random windows."""
+        c, f, width = self.input_shape
+        rng = np.random.default_rng(0)
+        k, hop = 5, self.hop or width
+        signal = rng.standard_normal((c, f, (k - 1) * hop + width), dtype=np.float32)
+        windows = sliding_window_view(signal, width, axis=-1)[..., ::hop, :][..., :k, :]
+        windows = np.ascontiguousarray(windows.transpose(2, 0, 1, 3))
+        edge = min(2, width // 4)  # own frames at the ends, as the front end's
+        windows[..., :edge] += 1.0
+        windows[..., width - edge :] -= 1.0
+        net = copy.deepcopy(model).cpu().eval()
+        with torch.inference_mode():
+            ref = net(torch.from_numpy(windows)).double().numpy()
+        worst = 0.0
+        for got in (self.logits(windows), self._run(("tail", 0), windows)[0]):
+            diff = np.abs(got.astype(np.float64) - ref)
+            worst = max(worst, float("inf") if np.isnan(diff).any() else float(diff.max()))
+        if not worst <= tolerance:
+            raise ParityError(
+                f"shared-window TinyCNN logits differ from PyTorch's by up to {worst:.3g} "
+                f"(tolerance {tolerance:g}); predict with --predict_engine.runtime torch",
+                max_abs_diff=worst,
+                tolerance=tolerance,
+            )
+        return {"max_abs_diff": worst, "tolerance": tolerance}
+
+
+def _columns(stream: np.ndarray, first: int, hop: int, count: int, width: int) -> np.ndarray:
+    """``(count, C, F, width)`` view: columns ``[first + k·hop, … + width)`` of the stream."""
+    view = sliding_window_view(stream, width, axis=-1)[..., first::hop, :][..., :count, :]
+    return view.transpose(2, 0, 1, 3)
+
+
+def _cut(
+    streams: list[np.ndarray],
+    count: int,
+    hop: int,
+    width: int,
+    lpatch: np.ndarray,
+    rpatch: np.ndarray,
+) -> np.ndarray:
+    """Per-window maps ``(count, C, F, width)``: stream columns, the patches over them.
+
+    Window ``k`` starts at column ``k·hop`` of ``streams[0]``; or, given the two pooled
+    phases of a stream with an odd ``hop``, even windows start at ``(k/2)·hop`` of the
+    first and odd ones at ``((k-1)/2)·hop + hop // 2`` of the second.
+    """
+    if len(streams) == 1:
+        out = np.ascontiguousarray(_columns(streams[0], 0, hop, count, width))
+    else:
+        out = np.empty((count, *streams[0].shape[:2], width), np.float32)
+        out[0::2] = _columns(streams[0], 0, hop, (count + 1) // 2, width)
+        out[1::2] = _columns(streams[1], hop // 2, hop, count // 2, width)
+    out[..., : lpatch.shape[-1]] = lpatch
+    out[..., width - rpatch.shape[-1] :] = rpatch
+    return out
