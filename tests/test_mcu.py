@@ -22,7 +22,7 @@ import yaml
 
 from data.features import LogMelFrontEnd
 from models.classifier import Classifier
-from tests.helpers import build_like_cli, save_checkpoint
+from tests.helpers import build_like_cli, untrained_checkpoint
 from util.deploy.errors import ExportError
 from util.deploy.mcu.c_array import c_bytes, c_header, c_identifier
 from util.deploy.mcu.frontend import CmsisLogMel
@@ -228,14 +228,6 @@ def test_vela_failure_is_one_line(tmp_path: Path) -> None:
 
 def _run(tmp_path: Path) -> Path:
     """A run folder (config.yaml beside checkpoints/model.ckpt) of an untrained TinyCNN."""
-    model = build_like_cli(
-        Classifier,
-        "models.backbones.TinyCNN",
-        num_classes=3,
-        in_channels=2,
-        class_names=CLASSES,
-        input_shape=[2, 64, 101],
-    )
     data = {
         "source": {
             "class_path": "data.sources.synthetic.Synthetic",
@@ -255,7 +247,7 @@ def _run(tmp_path: Path) -> Path:
     }
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"data": data}))
-    return save_checkpoint(model, tmp_path / "run" / "checkpoints" / "model.ckpt")
+    return untrained_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt")
 
 
 def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:

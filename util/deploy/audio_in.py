@@ -80,7 +80,7 @@ from data.sources.synthetic import Synthetic
 from models.classifier import Classifier
 from util.deploy.errors import ExportError, ParityError
 from util.deploy.graph import set_metadata, strip_debug_info
-from util.deploy.onnx import INPUT_NAME, OUTPUT_NAME, _quiet_exporter, export_onnx
+from util.deploy.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, run_exporter
 from util.deploy.runtime import ort_session
 
 __all__ = [
@@ -240,17 +240,7 @@ def export_front_end(front_end: LogMelFrontEnd, path: str | Path, opset: int | N
     example = torch.randn(2, AUDIO_CHANNELS, front_end.clip_samples + 7)
     dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("samples", min=1)}
     try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                net,
-                (example,),
-                dynamo=True,
-                dynamic_shapes=(dims,),
-                input_names=[AUDIO_INPUT],
-                output_names=[INPUT_NAME],
-                opset_version=opset,
-                verbose=False,
-            )
+        program = run_exporter(net, example, dims, AUDIO_INPUT, INPUT_NAME, opset)
     except Exception as err:
         raise ExportError(
             f"cannot export the audio front end: {type(err).__name__}: {err}"[:400]

@@ -28,7 +28,7 @@ from util.deploy.errors import ExportError, UnsupportedOperatorError
 from util.deploy.graph import set_metadata, strip_debug_info
 from util.deploy.metadata import model_metadata
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "backbone_name", "export_onnx"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "backbone_name", "export_onnx", "run_exporter"]
 
 #: The exported graph's input: raw front-end features ``(batch, C, n_mels, time)``.
 INPUT_NAME = "features"
@@ -159,18 +159,9 @@ def export_onnx(
     example = torch.randn(2, c, f, max(t, min_time))  # batch 2: 0/1 sizes get specialised
     dims = {0: torch.export.Dim("batch", min=1), 3: torch.export.Dim("time", min=min_time)}
     try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                net,
-                (example,),
-                dynamo=True,
-                dynamic_shapes=(dims,),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                custom_translation_table=_translation_table(),
-                opset_version=opset,
-                verbose=False,
-            )
+        program = run_exporter(
+            net, example, dims, INPUT_NAME, OUTPUT_NAME, opset, _translation_table()
+        )
     except Exception as err:
         raise _explain_export_failure(err, backbone) from err
     if program is None:  # pragma: no cover - only when f= is given
@@ -182,6 +173,45 @@ def export_onnx(
     set_metadata(proto, {**model_metadata(model), **(metadata or {})})
     onnx.save(proto, str(path))
     return path
+
+
+def run_exporter(
+    net: nn.Module,
+    example: torch.Tensor,
+    dims: dict[int, Any],
+    input_name: str,
+    output_name: str,
+    opset: int | None = None,
+    translations: dict[Any, Any] | None = None,
+) -> Any:
+    """``torch.onnx.export`` (dynamo) of ``net`` on one example input, its chatter silenced.
+
+    The one exporter call of the project (the features-in classifier, the audio front end).
+
+    Args:
+        net: the module to export (one tensor in, one out).
+        example: an example input.
+        dims: the input's dynamic axes (``{axis: torch.export.Dim}``).
+        input_name: name of the graph's input.
+        output_name: name of the graph's output.
+        opset: ONNX opset; ``None`` takes the exporter's default.
+        translations: the exporter's ``custom_translation_table``.
+
+    Returns:
+        The exporter's ONNX program (``.save(path)`` writes it); exporter errors propagate.
+    """
+    with _quiet_exporter():
+        return torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=(dims,),
+            input_names=[input_name],
+            output_names=[output_name],
+            custom_translation_table=translations,
+            opset_version=opset,
+            verbose=False,
+        )
 
 
 @contextlib.contextmanager
