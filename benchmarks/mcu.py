@@ -5,8 +5,10 @@ and prints one row per model: parameters, MACs, flash (the int8 ``.tflite``), th
 Lite Micro arena (the smallest the interpreter runs in), vela's Ethos-U55 SRAM, flash, cycles
 and inference time (NPU operators only; those it leaves to the CPU are named), and the int8
 file's agreement with fp32 PyTorch on the validation split. Then the CMSIS-DSP front end per
-precision: its feature difference from LogMelFrontEnd, the model's agreement when fed it, its
-RAM per channel and its operations per frame, with the host's median time per clip over
+precision (f32, q31, q15) on the audio of the whole validation split (``--frontend_clips``
+fewer): its feature difference from LogMelFrontEnd, the difference from LogMelFrontEnd fed the
+same 16-bit PCM (the fixed-point arithmetic's own error), the model's agreement when fed it,
+its RAM per channel and its operations per frame, with the host's median time per clip over
 ``--repeats`` runs of the Python bindings (a host figure, not the device's).
 
     .venv/bin/python benchmarks/mcu.py --ckpt A.ckpt B.ckpt C.ckpt --out /tmp/mcu-bench \\
@@ -35,7 +37,7 @@ def frontend_timing(repeats: int) -> list[list[str]]:
     import numpy as np
 
     from data.features import LogMelFrontEnd
-    from util.deploy.mcu.frontend import CmsisLogMel, cycles_per_frame
+    from util.deploy.mcu.frontend import PRECISIONS, CmsisLogMel, cycles_per_frame
 
     fe = LogMelFrontEnd("native")
     wave = (0.1 * np.random.default_rng(0).standard_normal((1, 2, fe.clip_samples))).astype(
@@ -43,7 +45,7 @@ def frontend_timing(repeats: int) -> list[list[str]]:
     )
     rows = []
     frames = fe.output_shape[0] * fe.output_shape[-1]
-    for precision in ("f32", "q15"):
+    for precision in PRECISIONS:
         cms = CmsisLogMel(fe, precision)  # type: ignore[arg-type]
         times = []
         for _ in range(repeats):
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to measure")
     parser.add_argument("--out", type=Path, default=Path("/tmp/earsleep-mcu-bench"))
     parser.add_argument("--converter_python", default=None, help="a Python with litert-torch")
-    parser.add_argument("--frontend_clips", type=int, default=64)
+    parser.add_argument(
+        "--frontend_clips", type=int, default=None, help="default: the whole validation split"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="front-end timing repeats")
     parser.add_argument(
         "--reuse", action="store_true", help="read <out>/<run>/manifest.json where it exists"

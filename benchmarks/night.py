@@ -66,6 +66,29 @@ def _rss_now_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024.0
 
 
+def _gpu_library_rss_mb() -> float:
+    """Resident MB of the GPU libraries torch's wheel loads even on a CPU (Linux smaps).
+
+    The CUDA libraries (``nvidia/*``, ``libtorch_cuda``) and Triton's, each file's pages
+    plus the zero-initialised data mapped right after it; ``nan`` where unreadable.
+    """
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    total, owner, current = 0, None, False
+    for line in lines:
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+            name = fields[5] if len(fields) > 5 else None
+            if name is not None:
+                owner = any(k in name for k in ("/nvidia/", "libtorch_cuda", "/triton/"))
+            current = bool(owner) and (name is None or not name.startswith("["))
+        elif fields[0] == "Rss:" and current:
+            total += int(fields[1])
+    return total / 1024.0
+
+
 def untrained_checkpoint(path: Path, seed: int) -> Path:
     """A TinyCNN checkpoint as ``main.py fit --config config/demo.yaml`` writes it, untrained.
 
@@ -112,6 +135,7 @@ def run_one(args: argparse.Namespace) -> dict:
     ]  # fmt: skip
     seconds = sf.info(args.audio).duration
     baseline = _rss_now_mb()  # torch, Lightning and the project imported; no model, no audio
+    gpu_libraries = _gpu_library_rss_mb()
     t0 = time.perf_counter()
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
@@ -134,6 +158,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "rtf": seconds / wall,
         "rss_main_mb": _peak_rss_mb(resource.RUSAGE_SELF),
         "rss_baseline_mb": baseline,
+        "rss_gpu_libraries_mb": gpu_libraries,
         "rss_workers_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if args.num_workers else 0.0,
         "snore_episodes": summary["snore"]["episodes"],
         "threads": threads,
@@ -243,17 +268,17 @@ def main() -> None:
     )
     print(
         "| night (h) | windows | busy procs | load avg | --threads | threads | wall (s) | "
-        "RTF (x real time) | CPU (s) | RSS before (MB) | peak RSS (MB) | night's own (MB) | "
-        "peak RSS workers (MB) |"
+        "RTF (x real time) | CPU (s) | RSS before (MB) | of which GPU libraries (MB) | "
+        "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
             f"{r['requested']} | {r['threads']} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
             f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | "
-            f"{r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
+            f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
             f"{r['rss_workers_mb']:.0f} |"
         )
     print(
@@ -261,8 +286,9 @@ def main() -> None:
         "1-minute load average as the night ended (other jobs included). threads: what "
         "--threads chose (util.cpu.choose_threads). CPU (s): user + system time of the "
         "prediction, main process and workers. RSS before: the main process with torch, "
-        "Lightning and the project imported, before the CLI starts; night's own: peak "
-        "minus that."
+        "Lightning and the project imported, before the CLI starts; GPU libraries: the part "
+        "of it that torch's CUDA wheel and Triton load even on a CPU (files and their "
+        "zero-initialised data); night's own: peak minus RSS before."
     )
     if tmp is not None:
         tmp.cleanup()

@@ -15,10 +15,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from data.augment import WaveAugment
 from data.cache import DEFAULT_CLASSES, check_classes
 from data.clips import CachedSplit, ClipCaches
 from data.features import LogMelFrontEnd
 from data.recordings import recordings_loader
+from data.sources.augmented import Augmented
 from data.sources.base import SPLITS, Source
 
 #: Splits each Lightning stage reads (``None``: no trainer, every split). The stages
@@ -54,6 +56,12 @@ class SleepSoundDataModule(L.LightningDataModule):
         source: where the clips come from (``class_path``/``init_args`` in YAML),
             e.g. ``data.sources.dreamcatcher.DreamCatcher``. Default: the synthetic
             corpus ``data.sources.synthetic.Synthetic()``.
+        augment: waveform augmentation of the train split
+            (:class:`data.augment.WaveAugment`): ``copies`` augmented copies of each
+            train clip (gain, coloured noise, a random EQ, a time shift) are cached
+            besides it, deterministic from ``seed``; e.g. ``{copies: 1, gain_db: [-12,
+            12]}``. Validation and test are left alone and share the caches of the plain
+            source. Default: none.
         features: the log-mel front end; default ``LogMelFrontEnd()`` (the
             ``native`` preset: both channels, 1 s, 2×64×101).
         classes: the labels to classify, in label-index order: any distinct subset
@@ -79,6 +87,7 @@ class SleepSoundDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Source | None = None,
+        augment: WaveAugment | None = None,
         features: LogMelFrontEnd | None = None,
         classes: Sequence[str] = DEFAULT_CLASSES,
         cache_dir: str = "cache",
@@ -97,6 +106,10 @@ class SleepSoundDataModule(L.LightningDataModule):
             from data.sources.synthetic import Synthetic
 
             source = Synthetic()
+        #: The waveform augmentation of the train split, if any.
+        self.augment = augment
+        if augment is not None:
+            source = Augmented(source, augment)
         self.source = source
         self.features = features if features is not None else LogMelFrontEnd()
         self.classes = check_classes(source, classes)

@@ -1,10 +1,13 @@
-"""Thresholds calibrated on validation: the search, the record in the checkpoint, predict's use.
+"""Post-processing calibrated on validation: the searches, the record in the checkpoint, predict's use.
 
 The end-to-end scenario is the issue-15 one: a model whose snore probability sits near 0.5
 finds no snoring with the default ``on_threshold`` 0.6, and does once ``fit`` has calibrated
 its thresholds on validation. The model is :class:`HalfSureSnore`, a fixed detector on
 hand-made sounds (a low buzz is snore, mid-band hiss is breathing, faint noise is quiet),
 so that the test depends on calibration alone, not on how well a tiny run trains.
+
+Calibration on labelled recordings is tested on window probabilities made by hand from
+known events (:func:`_labelled_night`), where the defaults find nothing.
 """
 
 from __future__ import annotations
@@ -33,15 +36,28 @@ from util.night import (
     CHECKPOINT_KEY,
     CalibratedThresholds,
     CalibrationError,
+    Event,
     PostProcessing,
     best_threshold,
     calibrate_thresholds,
+    evaluate_events,
     load_calibration,
     read_events_csv,
     store_calibration,
+    write_events_csv,
 )
 from util.night.calibrate import main
-from util.night.thresholds import GRID, checkpoint_facts, off_threshold_for, weights_sha256
+from util.night.probabilities import WindowProbabilities, write_probabilities
+from util.night.recalibrate import calibrate_on_recordings
+from util.night.rederive import derive
+from util.night.thresholds import (
+    CALIBRATED_FIELDS,
+    FORMAT_VERSION,
+    GRID,
+    checkpoint_facts,
+    off_threshold_for,
+    weights_sha256,
+)
 
 CLASSES = ["quiet", "breathe", "snore"]
 SR = 16000
@@ -417,3 +433,234 @@ def test_the_command_says_in_one_line_what_is_wrong(tmp_path, capsys):
     for option in ("--ckpt_path", "--config", "--batch_size", "--progress"):
         assert option in help_text
     assert "default: True" in help_text
+
+
+# -- calibration on labelled recordings -----------------------------------------------
+
+HOP_S, WINDOW_S = 0.5, 1.0
+
+
+def _labelled_night(seed: int, minutes: float = 10.0) -> tuple[WindowProbabilities, list[Event]]:
+    """A recording's window probabilities made from its true events, and those events.
+
+    Breathing and snore bouts of 30-90 s alternate with 30-60 s of quiet; inside a bout its
+    class has p ≈ 0.5 (the top class, under the default on_threshold 0.6) with a 1-s dip to
+    0.2 at every breath (every 4 s), 0.15 outside; a 1-s false alarm at p 0.5 sits midway
+    between bouts. Onsets lie on window edges, so that a perfect detector meets the 0.2-s
+    collar.
+    """
+    rng = np.random.default_rng(seed)
+    duration = minutes * 60.0
+    n = int((duration - WINDOW_S) / HOP_S) + 1
+    centres = np.arange(n) * HOP_S + WINDOW_S / 2
+    truth: list[Event] = []
+    t = 20.25
+    while True:
+        label = CLASSES[1 + len(truth) % 2]
+        length = float(rng.integers(30, 90))
+        if t + length > duration - 20:
+            break
+        truth.append(Event(t, t + length, label))
+        t += length + float(rng.integers(30, 60))
+    probs = np.tile(np.array([0.7, 0.15, 0.15]), (n, 1))
+    for e in truth:
+        k = CLASSES.index(e.label)
+        inside = (centres >= e.start_s) & (centres < e.end_s)
+        dip = ((centres - e.start_s) % 4.0) >= 3.0
+        probs[inside, k] = np.where(dip[inside], 0.2, 0.5)
+        probs[inside, 0] = np.where(dip[inside], 0.5, 0.25)
+        probs[inside, 3 - k] = 1.0 - probs[inside, 0] - probs[inside, k]
+    for a, b in zip(truth[:-1], truth[1:], strict=True):
+        middle = (a.end_s + b.start_s) / 2
+        spike = (centres >= middle) & (centres < middle + 1.0)
+        probs[spike] = 0.0
+        probs[spike, CLASSES.index(b.label)], probs[spike, 0] = 0.5, 0.5
+    probs = np.clip(probs + rng.uniform(-0.03, 0.03, probs.shape), 0, 1)
+    probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    night = WindowProbabilities(
+        probs, list(CLASSES), HOP_S, WINDOW_S, duration, f"audio/night{seed}.wav"
+    )
+    return night, truth
+
+
+def _pooled_f1(
+    nights: list[WindowProbabilities], truths: list[list[Event]], pp: PostProcessing, label: str
+) -> tuple[float, list[list[Event]]]:
+    """Event F1 of ``label`` (sed_eval counts pooled) of ``pp``'s events, and the events."""
+    tp = n = 0
+    found = []
+    for night, truth in zip(nights, truths, strict=True):
+        events, _, _ = derive(night, pp, "test")
+        found.append(events)
+        scores = evaluate_events(truth, events, labels=[label])["per_class"][label]
+        tp, n = tp + scores["tp"], n + scores["n_ref"] + scores["n_est"]
+    return 2 * tp / n, found
+
+
+@pytest.fixture(scope="module")
+def labelled() -> dict[str, Any]:
+    nights, truths = zip(*(_labelled_night(seed) for seed in range(3)), strict=True)
+    nights, truths = list(nights), list(truths)
+    calibration = calibrate_on_recordings(nights, truths, CLASSES)
+    return {"nights": nights, "truths": truths, "calibration": calibration}
+
+
+def test_calibration_on_recordings_recovers_the_true_events(labelled, tmp_path):
+    nights, truths = labelled["nights"], labelled["truths"]
+    for label in ("snore", "breathe"):
+        f1, found = _pooled_f1(nights, truths, PostProcessing(), label)
+        assert f1 == 0.0 and not any(e.label == label for events in found for e in events)
+    calibration = labelled["calibration"]
+    provenance = calibration.provenance
+    assert provenance["method"] == "recordings" and provenance["hours"] == 0.5
+    assert provenance["scoring"]["collar_s"] == HOP_S  # DCASE's 0.2 s is finer than the windows
+    assert provenance["recordings"] == [f"audio/night{seed}.wav" for seed in range(3)]
+    for label in ("snore", "breathe"):
+        scores = provenance["per_class"][label]
+        assert scores["f1_before"] == 0.0 and scores["f1"] > 0.8
+        assert scores["min_duration_s"] > 1.0  # the 1-s false alarms are dropped
+        assert scores["events"] == sum(e.label == label for t in truths for e in t)
+    assert calibration.calibrated == CALIBRATED_FIELDS
+    assert calibration.source().startswith(
+        "calibrated on 3 validation recordings (0.5 h, snore event F1 "
+    )
+    # stored with the checkpoint, read back, applied as predict applies it: the same events
+    ckpt = untrained_checkpoint(tmp_path / "model.ckpt")
+    store_calibration(ckpt, calibration)
+    stored = load_calibration(torch.load(ckpt, weights_only=True))
+    assert stored.values() == calibration.values() and stored.calibrated == CALIBRATED_FIELDS
+    pp, used, user = stored.apply(PostProcessing())
+    assert (used, user) == (list(CALIBRATED_FIELDS), [])
+    for label in ("snore", "breathe"):
+        f1, found = _pooled_f1(nights, truths, pp, label)
+        assert f1 == pytest.approx(provenance["per_class"][label]["f1"], abs=1e-4)
+        assert (
+            sum(e.label == label for events in found for e in events)
+            == (provenance["per_class"][label]["detected"])
+        )
+
+
+def test_records_of_layout_1_still_load_and_damaged_ones_do_not():
+    v1 = {
+        "format": "earsleep.postprocessing",
+        "version": 1,
+        "postprocessing": {"on_threshold": {"snore": 0.45, "default": 0.6}, "off_threshold": 0.35},
+        "provenance": {"split": "validation", "clips": 7},
+    }
+    calibration = CalibratedThresholds.from_record(v1)
+    assert calibration.calibrated == ("on_threshold", "off_threshold")
+    merged, used, _ = calibration.apply(PostProcessing())
+    assert used == ["on_threshold", "off_threshold"] and merged.median_windows == 3
+    assert merged.min_duration_s == PostProcessing().min_duration_s
+    assert calibration.record()["version"] == FORMAT_VERSION == 2
+    v2 = {**v1, "version": 2, "postprocessing": {"median_windows": 5, "merge_gap_s": {"snore": 2}}}
+    assert CalibratedThresholds.from_record(v2).postprocessing.median_windows == 5
+    for damaged in (
+        {**v1, "postprocessing": {"min_duration_s": 1.0}},  # not a field of layout 1
+        {**v2, "postprocessing": {"median_windows": 4}},
+        {**v2, "postprocessing": {"median_windows": True}},
+        {**v2, "postprocessing": {"min_duration_s": -1.0}},
+        {**v2, "postprocessing": {"merge_gap_s": {"snore": math.inf}}},
+        {**v2, "postprocessing": {"on_threshold": 1.5}},
+    ):
+        with pytest.raises(CalibrationError, match="damaged"):
+            CalibratedThresholds.from_record(damaged)
+    with pytest.raises(CalibrationError, match="newer than this earsleep"):
+        CalibratedThresholds.from_record({**v2, "version": 3})
+
+
+def test_an_explicit_min_duration_wins_over_the_calibrated_one(labelled, tmp_path):
+    from types import SimpleNamespace
+
+    from util.callbacks import NightWriter
+
+    calibration = labelled["calibration"]
+    ckpt = untrained_checkpoint(tmp_path / "model.ckpt")
+    store_calibration(ckpt, calibration)
+    trainer = SimpleNamespace(ckpt_path=str(ckpt))
+    writer = NightWriter(postprocessing=PostProcessing(min_duration_s=5.0))
+    pp, source = writer._choose(trainer, CLASSES)
+    assert pp.min_duration_s == 5.0
+    assert pp.median_windows == calibration.postprocessing.median_windows
+    assert pp.on_threshold == calibration.postprocessing.on_threshold
+    assert pp.merge_gap_s == calibration.postprocessing.merge_gap_s
+    assert source == calibration.source() + "; options: min_duration_s"
+    pp, source = NightWriter()._choose(trainer, CLASSES)
+    assert pp.min_duration_s == calibration.postprocessing.min_duration_s
+    assert source == calibration.source()  # what the night summary names
+
+
+def _predicted(root: Path, seeds: range = range(3)) -> tuple[Path, list[Path]]:
+    """``root/pred/night<i>/probabilities.parquet`` and their truths ``root/audio/night<i>.csv``."""
+    audio, truth_files = root / "audio", []
+    audio.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        night, truth = _labelled_night(seed)
+        night.recording = str(audio / f"night{seed}.wav")
+        (root / "pred" / f"night{seed}").mkdir(parents=True)
+        write_probabilities(root / "pred" / f"night{seed}" / "probabilities.parquet", night)
+        write_events_csv(truth, audio / f"night{seed}.csv")
+        truth_files.append(audio / f"night{seed}.csv")
+    return root / "pred", truth_files
+
+
+def test_the_command_calibrates_on_predicted_recordings(tmp_path, capsys):
+    pred, truth_files = _predicted(tmp_path)
+    ckpt = untrained_checkpoint(tmp_path / "model.ckpt")
+    assert main(["--ckpt_path", str(ckpt), "--recordings", str(pred)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{ckpt}: calibrated on 3 validation recordings (0.5 h, snore ")
+    assert "event F1 before -> after: snore 0.00 -> 1.00, breathe 0.00 -> 1.00" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["snore", "breathe"]
+    record = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
+    assert record["version"] == 2 and set(record["postprocessing"]) == set(CALIBRATED_FIELDS)
+    assert record["provenance"]["recordings"] == [
+        str(tmp_path / "audio" / f"night{s}.wav") for s in range(3)
+    ]
+    # the truth named explicitly (paired by the audio's stem), one recording at a time
+    files = [str(pred / f"night{s}" / "probabilities.parquet") for s in (0, 1)]
+    truth = [str(f) for f in truth_files[:2]]
+    assert main(["--ckpt_path", str(ckpt), "--recordings", *files, "--truth", *truth]) == 0
+    assert "calibrated on 2 validation recordings" in capsys.readouterr().out
+
+
+def test_the_command_on_recordings_says_in_one_line_what_is_wrong(tmp_path, capsys):
+    pred, truth_files = _predicted(tmp_path)
+    ckpt = untrained_checkpoint(tmp_path / "model.ckpt")
+    base = ["--ckpt_path", str(ckpt), "--recordings", str(pred)]
+
+    def error(argv: list[str], status: int = 1) -> str:
+        assert main(argv) == status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    assert "--truth needs --recordings" in error(["--ckpt_path", str(ckpt), "--truth", "a.csv"], 2)
+    assert "runs no model" in error([*base, "--batch_size", "8"], 2)
+    msg = error([*base, "--truth", *map(str, truth_files[:2])])
+    assert "no truth for recording" in msg and "night2.csv" in msg
+    msg = error([*base[:3], str(pred / "night0"), "--truth", *map(str, truth_files)])
+    assert "label no recording" in msg and "night1.csv" in msg
+    with open(truth_files[1], "a") as f:
+        f.write("1.0,2.0,cough,\n3.0,4.0,cough,\n5.0,6.0,snoring,\n")
+    msg = error(base)
+    assert "3 events of labels that are not classes" in msg
+    assert "'cough' x2, 'snoring' x1" in msg and "night1.csv" in msg and "--ignore_labels" in msg
+    assert main([*base, "--ignore_labels", "cough", "snoring"]) == 0
+    capsys.readouterr()
+    record = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
+    assert record["provenance"]["ignored_truth_labels"] == {"cough": 2, "snoring": 1}
+    assert "classes of the model" in error([*base, "--ignore_labels", "snore"])
+    truth_files[0].unlink()
+    msg = error(base)
+    assert "no truth for recording" in msg and "night0.csv" in msg
+    other = tmp_path / "other"
+    night, _ = _labelled_night(0)
+    night.class_names = ["quiet", "breathing", "snore"]
+    (other / "x").mkdir(parents=True)
+    write_probabilities(other / "x" / "probabilities.parquet", night)
+    msg = error(["--ckpt_path", str(ckpt), "--recordings", str(other)])
+    assert "are not the checkpoint's ['quiet', 'breathe', 'snore']" in msg
+    assert "no probabilities.parquet" in error(
+        ["--ckpt_path", str(ckpt), "--recordings", str(tmp_path / "empty")]
+    )

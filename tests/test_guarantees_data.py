@@ -641,15 +641,20 @@ def test_full_disk_through_main_fit_is_no_signal(tiny_disk, tmp_path):
 # -- 10. two builds of one cache at once ---------------------------------------------------
 
 SLOW_BUILD = """
-    import sys, time
+    import pathlib, sys, time
     from data.cache import build_cache
     from data.features import LogMelFrontEnd
     from data.sources import Synthetic
 
-    class Slow(Synthetic):  # the same corpus and key, read slowly (the first build only)
-        def iter_clips(self, split):
-            for item in super().iter_clips(split):
-                time.sleep(0.1 if sys.argv[2] == "slow" else 0)
+    class Slow(Synthetic):  # the same corpus and key; the first build holds its last clip
+        def iter_clips(self, split):  # back until the test releases it (or 200 s pass)
+            for i, item in enumerate(super().iter_clips(split)):
+                if sys.argv[2] == "slow" and i == self.size_hint(split) - 1:
+                    release = pathlib.Path(sys.argv[3])
+                    for _ in range(4000):
+                        if release.exists():
+                            break
+                        time.sleep(0.05)
                 yield item
 
     src = Slow(seed=4, clips_per_split={"train": 120})
@@ -659,24 +664,32 @@ SLOW_BUILD = """
 
 def test_two_processes_building_one_cache_wait_and_agree(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    release = tmp_path / "release"
     cmd = [sys.executable, "-c", textwrap.dedent(SLOW_BUILD), str(tmp_path / "shared")]
-    first = subprocess.Popen([*cmd, "slow"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen([*cmd, "slow", str(release)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while not list((tmp_path / "shared").rglob("*" + PARTIAL_SUFFIX)):
         assert first.poll() is None and time.monotonic() < deadline, "first build never started"
         time.sleep(0.05)
-    second = subprocess.run([*cmd, "fast"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    # The second build starts while the first holds its last clip, and must wait for it.
+    log = tmp_path / "second.log"
+    with log.open("w") as err:
+        second = subprocess.Popen([*cmd, "fast", str(release)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+        while "waiting for another process" not in log.read_text():
+            assert second.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        release.touch()
+        out_second, _ = second.communicate(timeout=300)
     out_first, err_first = first.communicate(timeout=300)
     assert first.returncode == 0, err_first[-2000:]
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "waiting for another process" in second.stdout + second.stderr
+    assert second.returncode == 0, log.read_text()[-2000:]
     path = Path(out_first.strip().splitlines()[-1])
-    assert second.stdout.strip().splitlines()[-1] == str(path)
+    assert out_second.strip().splitlines()[-1] == str(path)
     assert not list((tmp_path / "shared").rglob("*" + PARTIAL_SUFFIX))
 
-    alone = run_python(SLOW_BUILD, str(tmp_path / "alone"), "fast")
+    alone = run_python(SLOW_BUILD, str(tmp_path / "alone"), "fast", str(release))
     assert alone.returncode == 0, alone.stderr[-2000:]
     with h5py.File(path) as a, h5py.File(alone.stdout.strip().splitlines()[-1]) as b:
         for name in ("features", "labels", "content_hash"):

@@ -25,7 +25,7 @@ from models.classifier import Classifier
 from tests.helpers import build_like_cli, untrained_checkpoint
 from util.deploy.errors import ExportError
 from util.deploy.mcu.c_array import c_bytes, c_header, c_identifier
-from util.deploy.mcu.frontend import CmsisLogMel
+from util.deploy.mcu.frontend import CmsisLogMel, pcm16
 from util.deploy.mcu.measure import MeasureError, TflmRunner, tflm_arena, vela_estimate
 
 pytest.importorskip("cmsisdsp")  # the mcu extra; CI installs it
@@ -60,6 +60,16 @@ def test_f32_front_end_matches_logmel_to_float_rounding() -> None:
     assert np.abs(out - _reference(fe, waves)).max() < 1e-3
 
 
+def test_q31_front_end_adds_nothing_to_the_16_bit_rounding() -> None:
+    """q31 FFT, spectrum re-normalised, 64-bit mel sums: LogMelFrontEnd on the same PCM."""
+    fe = LogMelFrontEnd("native")
+    waves = _audio(3, seed=1)
+    out = CmsisLogMel(fe, "q31")(waves)
+    assert np.abs(out - _reference(fe, pcm16(waves))).max() < 1e-3  # measured 1e-5
+    diff = np.abs(out - _reference(fe, waves))  # what 16-bit samples change
+    assert np.median(diff) < 0.01 and diff.max() < 0.5
+
+
 def test_q15_front_end_stays_within_its_stated_tolerance() -> None:
     """16-bit PCM, a q15 FFT and q31 mel sums: within 0.05 (median) and 0.35 (p99) in log units."""
     fe = LogMelFrontEnd("native")
@@ -70,31 +80,46 @@ def test_q15_front_end_stays_within_its_stated_tolerance() -> None:
     assert diff.max() < 1.5
 
 
-def test_q15_block_floating_point_keeps_a_quiet_clip() -> None:
+def test_fixed_point_paths_read_16_bit_pcm() -> None:
+    x = np.array([[0.5, -1.0, 0.999999, 1.5, 1e-6, 3.1e-5]], dtype=np.float32)
+    pcm = pcm16(x)
+    assert pcm.dtype == np.float32 and pcm.shape == x.shape
+    np.testing.assert_array_equal(pcm * 32768, np.round(pcm * 32768))  # whole 16-bit steps
+    assert pcm[0, 0] == 0.5 and pcm[0, 1] == -1.0 and pcm[0, 3] == 32767 / 32768  # saturates
+
+
+@pytest.mark.parametrize("precision", ["q31", "q15"])
+def test_block_floating_point_keeps_a_quiet_clip(precision: str) -> None:
     """A clip 60 dB down is normalised per frame, so it loses no more than a loud one."""
     fe = LogMelFrontEnd("native")
     loud = _audio(1, seed=2)
     quiet = loud * 1e-3
-    q15 = CmsisLogMel(fe, "q15")
-    err_loud = np.median(np.abs(q15(loud) - _reference(fe, loud)))
-    err_quiet = np.median(np.abs(q15(quiet) - _reference(fe, quiet)))
+    cms = CmsisLogMel(fe, precision)  # type: ignore[arg-type]
+    # against the 16-bit audio: the front end's own error, not the rounding of the samples
+    err_loud = np.median(np.abs(cms(loud) - _reference(fe, pcm16(loud))))
+    err_quiet = np.median(np.abs(cms(quiet) - _reference(fe, pcm16(quiet))))
     assert err_quiet < 0.1 and err_quiet < 4 * err_loud + 0.02
 
 
-def test_digital_silence_is_log_eps_in_both_precisions() -> None:
+def test_digital_silence_is_log_eps_in_every_precision() -> None:
     fe = LogMelFrontEnd("native")
     silence = np.zeros((1, 2, 16000), dtype=np.float32)
-    for precision in ("f32", "q15"):
+    for precision in ("f32", "q31", "q15"):
         out = CmsisLogMel(fe, precision)(silence)
         np.testing.assert_allclose(out, math.log(1e-6), atol=1e-4)
 
 
-def test_reference_preset_db_scale_matches_too() -> None:
+@pytest.mark.parametrize("precision", ["f32", "q31", "q15"])
+def test_reference_preset_db_scale_matches_too(precision: str) -> None:
     fe = LogMelFrontEnd("reference")
     waves = _audio(1, seconds=5.0)
-    out = CmsisLogMel(fe, "f32")(waves)
+    out = CmsisLogMel(fe, precision)(waves)  # type: ignore[arg-type]
     assert out.shape == (1, *fe.output_shape)
-    assert np.abs(out - _reference(fe, waves)).max() < 1e-2  # dB
+    # the fixed-point paths round the mono downmix to 16 bits, as a microphone would
+    mono = fe.adapt(torch.from_numpy(waves)).numpy()
+    ref = _reference(fe, mono if precision == "f32" else pcm16(mono))
+    # dB; q15's bound is its stated 1.5 log units (6.5 dB), f32 and q31 are exact to 0.01 dB
+    assert np.abs(out - ref).max() < {"f32": 1e-2, "q31": 1e-2, "q15": 6.5}[precision]
 
 
 def test_bad_precision_and_fft_size_are_refused() -> None:
@@ -106,13 +131,16 @@ def test_bad_precision_and_fft_size_are_refused() -> None:
 
 def test_memory_and_ops_count_the_buffers_the_device_holds() -> None:
     fe = LogMelFrontEnd("native")
-    f32, q15 = CmsisLogMel(fe, "f32"), CmsisLogMel(fe, "q15")
+    f32, q31, q15 = (CmsisLogMel(fe, p) for p in ("f32", "q31", "q15"))  # type: ignore[arg-type]
     m = f32.memory()
     assert m["ram_fft_input"] == 512 * 4 and m["ram_power"] == 257 * 4
     assert m["ram_total"] == sum(
         v for k, v in m.items() if k.startswith("ram_") and k != "ram_total"
     )
     assert q15.memory()["ram_fft_input"] == 512 * 2  # 16-bit samples
+    assert q31.memory()["ram_fft_input"] == 512 * 4 and q31.memory()["ram_frame_history"] == 800
+    assert "ram_power" not in q31.memory()  # the bands read the spectrum itself
+    assert q31.ops_per_frame()["mel"] == 6 * q31.bands.nonzero
     assert f32.ops_per_frame()["mel"] == 2 * f32.bands.nonzero
     # the sparse bank holds every non-zero weight of the dense one, and nothing else
     dense = fe.mel.mel_scale.fb.numpy()
@@ -303,7 +331,11 @@ def test_bundle_is_written_measured_and_described(tmp_path: Path) -> None:
     assert manifest["tflm"]["arena_bytes"] > 0
     assert manifest["vela"]["cycles"] > 0 and manifest["vela"]["sram_bytes"] > 0
     assert 0.0 <= manifest["agreement"]["int8_vs_fp32"] <= 1.0
+    assert manifest["frontend"]["clips"] == 4
     assert manifest["frontend"]["f32"]["max_abs_diff"] < 1e-3
+    assert manifest["frontend"]["q31"]["vs_pcm16"]["max_abs_diff"] < 1e-3
+    assert set(manifest["frontend"]["pcm16"]) >= {"max_abs_diff", "int8_model_agreement"}
     header = (out / "tinycnn_frontend.h").read_text()
     assert "EARSLEEP_INPUT_SCALE" in header and '"snore"' in header
+    assert "int32_t earsleep_window_q31[400]" in header  # the q31 front end's window
     assert (out / "tinycnn_model_data.c").read_text().count("0x") == tflite.stat().st_size

@@ -7,6 +7,8 @@ import contextlib
 import csv
 import itertools
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from torchmetrics.functional.classification import multiclass_f1_score
 from main import main
 from tests.helpers import tiny_args
 from util.callbacks.provenance import data_fingerprint_hash
+from util.cpu import THREADS_ENV
 from util.sweep import (
     ROOT,
     ManifestError,
@@ -32,8 +35,15 @@ from util.sweep import (
 )
 from util.sweep import main as sweep_main
 from util.sweep.plot import plot_summary, summary_figure
+from util.sweep.run import (
+    as_fresh_process,
+    changed_settings,
+    flat_settings,
+    resolve_config,
+    settings_digest,
+)
 from util.sweep.stats import bootstrap_replicates
-from util.sweep.tune import RaySettings, RayTuneExecutor, Trial, TrialOutcome
+from util.sweep.tune import RaySettings, RayTuneExecutor, Trial, TrialOutcome, thread_env
 
 CLASSES = ["quiet", "breathe", "snore"]
 
@@ -263,6 +273,17 @@ class FakeRunner:
     def code_probe(self) -> dict[str, Any]:
         return dict(self.git)
 
+    def config_probe(self, argv: list[str]) -> dict[str, Any]:
+        """What the run resolves to (the sweep's probe, without main.py): the values of its
+        config files, then its settings."""
+        config: dict[str, Any] = {"files": []}
+        for flag, value in zip(argv[1::2], argv[2::2], strict=True):
+            if flag == "--config":
+                config["files"].append(yaml.safe_load(Path(value).read_text()))
+            else:
+                config[flag[2:]] = value
+        return config
+
     def __call__(self, run: Run, argv: list[str], run_dir: Path, log_path: Path) -> int:
         self.calls.append((run.name, run.seed, argv))
         log_path.write_text("training...\n")
@@ -342,6 +363,7 @@ def _sweep(
         distil_anyway=distil_anyway,
         data_probe=runner.data_probe,
         code_probe=runner.code_probe,
+        config_probe=runner.config_probe,
     )
 
 
@@ -604,9 +626,17 @@ def test_resume_skips_finished_runs_and_retrains_changed_ones(tmp_path: Path) ->
     assert again.calls == []
     assert len(rows) == 6
 
+    # a comment or another layout is no change
+    (tmp_path / "teacher.yaml").write_text(
+        "# v2\nmodel:\n    class_path: models.classifier.Classifier  # the plain task\n"
+    )
+    cosmetic = FakeRunner(scores)
+    _sweep(tmp_path, cosmetic, resume=True).run()
+    assert cosmetic.calls == []
+
     # a changed teacher config retrains the teacher, and the KD runs whose teacher changed
     (tmp_path / "teacher.yaml").write_text(
-        "model: {class_path: models.classifier.Classifier}\n# v2\n"
+        "model: {class_path: models.classifier.Classifier}\ntrainer: {max_epochs: 7}\n"
     )
     changed = FakeRunner({**scores, "teacher": (0.91, 0.9)})
     _sweep(tmp_path, changed, resume=True).run()
@@ -724,6 +754,133 @@ def test_the_data_probe_agrees_with_a_finished_run_and_sees_other_data(tmp_path:
     assert data_fingerprint_now(argv) not in (None, data_fingerprint_hash(recorded))
 
 
+def _nested_experiment(tmp_path: Path, batch_size: int = 32, seed: int = 0) -> Path:
+    """An experiment YAML naming a data YAML that names a source YAML (relative paths)."""
+    (tmp_path / "exp.yaml").write_text(
+        "model:\n  class_path: models.classifier.Classifier\n"
+        "  init_args: {backbone: models.backbones.TinyCNN}\n"
+        "data: data.yaml\n"
+    )
+    (tmp_path / "data.yaml").write_text(
+        f"source: source.yaml\nclasses: [quiet, breathe, snore]\nbatch_size: {batch_size}\n"
+    )
+    (tmp_path / "source.yaml").write_text(
+        f"class_path: data.sources.Synthetic\ninit_args: {{seed: {seed}}}\n"
+    )
+    return tmp_path / "exp.yaml"
+
+
+def test_the_resolved_config_sees_into_included_files_and_not_their_layout(
+    tmp_path: Path,
+) -> None:
+    """What resume compares: main.py's own resolution, not the YAML text."""
+    argv = ["fit", "--config", str(_nested_experiment(tmp_path)), "--seed_everything", "0"]
+    first = flat_settings(resolve_config(argv))
+    assert first["data.batch_size"] == 32 and first["trainer.max_epochs"] == 50  # defaults.yaml
+    assert first["data.source.init_args.seed"] == 0  # two files down
+    digest = settings_digest(first)
+    # where the run's logs go is placement, not configuration
+    placed = argv + ["--trainer.logger.init_args.save_dir", str(tmp_path / "elsewhere")]
+    assert settings_digest(flat_settings(resolve_config(placed))) == digest
+
+    # comments, flow or block style, indentation, key order: the same configuration
+    (tmp_path / "data.yaml").write_text(
+        "# the demo's data\nbatch_size:    32  # clips per step\nclasses:\n"
+        "    - quiet\n    - breathe\n    - snore\nsource: source.yaml\n"
+    )
+    assert settings_digest(flat_settings(resolve_config(argv))) == digest
+
+    # a value inside the included file, or inside the file that one includes
+    _nested_experiment(tmp_path, batch_size=16)
+    now = flat_settings(resolve_config(argv))
+    assert settings_digest(now) != digest
+    assert changed_settings(first, now) == "data.batch_size 32 -> 16"
+    _nested_experiment(tmp_path, seed=1)
+    now = flat_settings(resolve_config(argv))
+    assert changed_settings(first, now) == "data.source.init_args.seed 0 -> 1"
+
+    with pytest.raises(RuntimeError, match="--data.batch_size"):
+        resolve_config([*argv, "--data.batch_size", "many"])
+
+
+def test_resume_reruns_a_run_whose_included_yaml_changed_and_not_a_reformatted_one(
+    tmp_path: Path,
+) -> None:
+    """The real resolution in a sweep: the record keeps the settings; resume names what moved."""
+    experiment = _nested_experiment(tmp_path)
+    raw = _manifest_dict(tmp_path, seeds=(0,))
+    raw["models"] = {
+        "student": {"configs": [str(experiment)]},
+        "teacher": {"configs": [str(experiment)], "args": {"trainer.max_epochs": 3}},
+    }
+    raw.update(
+        phase1=[{"name": "student", "model": "student"}, {"name": "teacher", "model": "teacher"}],
+        gate={"teacher": "teacher", "margin": 0.05},
+        phase2=[],
+    )
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def sweep(runner: FakeRunner, lines: list[str], resume: bool = True) -> Sweep:
+        return Sweep(
+            load_manifest(path),
+            tmp_path / "out",
+            resume=resume,
+            executor=InlineExecutor(),
+            runner=runner,
+            echo=lines.append,
+            data_probe=runner.data_probe,
+            code_probe=runner.code_probe,
+        )  # config_probe: the default, main.py's parser
+
+    scores = {"student": (0.6, 0.6), "teacher": (0.8, 0.8)}
+    sweep(first := FakeRunner(scores), [], resume=False).run()
+    assert len(first.calls) == 2
+    record = json.loads((tmp_path / "out/runs/teacher/seed0/sweep_run.json").read_text())
+    assert record["settings"]["trainer.max_epochs"] == 3 and len(record["hash"]) == 16
+
+    experiment.write_text("# reformatted\n" + experiment.read_text().replace("  ", "    "))
+    lines: list[str] = []
+    sweep(same := FakeRunner(scores), lines).run()
+    assert same.calls == [] and not [line for line in lines if "re-running" in line]
+
+    _nested_experiment(tmp_path, batch_size=16)
+    lines.clear()
+    sweep(changed := FakeRunner(scores), lines).run()
+    assert [name for name, _, _ in changed.calls] == ["student", "teacher"]
+    assert (
+        "[phase 1] re-running student seed 0: its configuration changed: "
+        "data.batch_size 32 -> 16" in lines
+    )
+
+
+def test_a_run_in_the_worker_gets_a_fresh_process_state_and_leaves_none_behind(
+    tmp_path: Path,
+) -> None:
+    """What worker_runner wraps around each run: env, cwd, argv, threads, output."""
+    before = (dict(os.environ), os.getcwd(), list(sys.argv), torch.get_num_threads())
+    seen: dict[str, Any] = {}
+    log_path = tmp_path / "run.log"
+    for attempt in range(2):  # the second run sees what a fresh process would, not the first's
+        with open(log_path, "w", buffering=1) as log, as_fresh_process(log, thread_env(1)):
+            seen[f"env{attempt}"] = (os.environ.get(THREADS_ENV), os.environ.get("PL_GLOBAL_SEED"))
+            seen[f"cwd{attempt}"] = os.getcwd()
+            os.environ["PL_GLOBAL_SEED"] = "7"  # what seed_everything leaves
+            torch.set_num_threads(1)
+            print("to stdout")
+            os.write(2, b"to the stderr descriptor\n")  # C code, a handler made at import
+            sys.argv[1:] = ["--changed"]
+        text = log_path.read_text()
+        assert "to stdout" in text and "to the stderr descriptor" in text
+    assert (
+        seen["env0"]
+        == seen["env1"]
+        == (os.environ.get(THREADS_ENV, "1"), before[0].get("PL_GLOBAL_SEED"))
+    )
+    assert seen["cwd0"] == seen["cwd1"] == str(ROOT)
+    assert (dict(os.environ), os.getcwd(), list(sys.argv), torch.get_num_threads()) == before
+
+
 # -- statistics ---------------------------------------------------------------------------------
 
 
@@ -779,23 +936,12 @@ def test_bootstrap_interval_brackets_the_point_and_shrinks_with_more_clips() -> 
 
 @pytest.mark.slow
 def test_tiny_real_sweep_end_to_end(tmp_path: Path, capsys) -> None:
-    """Real subprocess runs on a tiny synthetic corpus: baselines, tuning, KD, summary."""
+    """Real runs in reused Ray workers on the demo's corpus: baselines, tuning, KD, summary."""
     data = tmp_path / "tiny_data.yaml"
     data.write_text(
         yaml.safe_dump(
-            {
-                "data": {
-                    "source": {
-                        "class_path": "data.sources.Synthetic",
-                        "init_args": {
-                            "seed": 0,
-                            "clips_per_split": {"train": 192, "validation": 96, "test": 96},
-                        },
-                    },
-                    "cache_dir": str(tmp_path / "cache"),
-                    "batch_size": 32,
-                },
-                "trainer": {"max_epochs": 1, "limit_train_batches": 3},
+            {  # the demo sweep's data and steps (fewer and a run collapses), its own cache
+                "data": {"cache_dir": str(tmp_path / "cache")},
                 "latency": {"runs": 2, "warmup": 0},
             }
         )
@@ -959,6 +1105,7 @@ def test_a_two_trial_sweep_runs_on_a_local_ray_runtime_retries_and_restores(
             echo=lines.append,
             data_probe=runner.data_probe,
             code_probe=runner.code_probe,
+            config_probe=runner.config_probe,
         )
 
     lines: list[str] = []
@@ -982,3 +1129,20 @@ def test_a_two_trial_sweep_runs_on_a_local_ray_runtime_retries_and_restores(
     assert sum("(resumed)" in line for line in again) == 2
     assert any(line.endswith(f"restored Tune experiment {experiments[0]}") for line in again)
     assert [r["status"] for r in _csv_rows(out / "runs.csv")] == ["ok", "ok"]
+
+
+def test_a_gate_with_every_student_collapsed_is_not_met() -> None:
+    from util.sweep.run import RunResult
+    from util.sweep.stats import evaluate_gate
+
+    def run(name: str, val: float, collapsed: bool) -> RunResult:
+        return RunResult("phase1", name, 0, "ok", "", val_f1=val, collapsed=collapsed)
+
+    teacher = run("crnn", 0.6, False)
+    students = [run("tinycnn", 0.3, True), run("tinycnn_cbam", 0.35, True)]
+    gate = evaluate_gate([teacher, *students], "crnn", ["tinycnn", "tinycnn_cbam"], 0.03)
+    assert not gate.passed and gate.best_student is None
+    assert "collapsed in 1 of 1 seeds" in gate.describe()  # the summary says why
+    usable = [teacher, run("tinycnn", 0.5, False)]
+    assert evaluate_gate(usable, "crnn", ["tinycnn"], 0.03).passed  # 0.6 beats 0.5 by 0.1
+    assert evaluate_gate([teacher], "crnn", [], 0.03).passed  # nothing to beat

@@ -115,8 +115,9 @@ class EarSleepCLI(LightningCLI):
             type=int | str,
             default="auto",
             help="intra-op CPU threads of this process: auto (the cores free now: those this "
-            "process may use less the 1-minute load average, at least 1; the EARSLEEP_THREADS "
-            "environment variable overrides it) or a number",
+            "process may use less the CPU time other processes take now, from /proc/stat over "
+            "0.1 s or the tasks runnable now, at least 1; the EARSLEEP_THREADS environment "
+            "variable overrides it) or a number",
         )
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -304,9 +305,40 @@ def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
     Errors propagate as exceptions (argument errors as ``SystemExit``); :func:`cli`
     turns them into one line.
     """
+    return _build(EarSleepCLI, args, run)
+
+
+class _ParserBuilt(Exception):
+    """Carries the parser out of :class:`_ParserOnly` before anything is parsed."""
+
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        super().__init__("parser built")
+        self.parser = parser
+
+
+class _ParserOnly(EarSleepCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        raise _ParserBuilt(parser)
+
+
+def build_parser() -> LightningArgumentParser:
+    """The parser :func:`main` parses with (subcommands, ``defaults.yaml``, links), unused.
+
+    Building it takes about a second; one parser parses any number of command lines,
+    ``parser.parse_args(["fit", "--config", ...])`` resolving a run's configuration as
+    ``main.py`` would (defaults and included files too) without instantiating anything.
+    """
+    try:
+        _build(_ParserOnly, [], True)
+    except _ParserBuilt as built:
+        return built.parser
+    raise RuntimeError("the CLI parsed arguments before its parser could be taken")
+
+
+def _build(cli_class: type[EarSleepCLI], args: list[str] | None, run: bool) -> EarSleepCLI:
     force_weights_only()  # every torch.load from here on, Lightning's and libraries' too
     defaults = {"default_config_files": [str(DEFAULTS)]}
-    return EarSleepCLI(
+    return cli_class(
         Classifier,
         SleepSoundDataModule,
         subclass_mode_model=True,

@@ -82,16 +82,24 @@ def cpu_flags() -> set[str] | None:
 
 
 def other_load(samples: int = 5, interval_s: float = 0.02) -> float:
-    """Cores that other work keeps busy, as far as this process can tell (0 where unknown).
+    """Cores that other work keeps busy now, as far as this process can tell (0 where unknown).
 
-    The larger of the one-minute load average and the median number of tasks runnable
-    right now besides this one (Linux ``/proc/loadavg``, sampled ``samples`` times), so
-    that a competing job started seconds ago, which the average does not show yet, counts.
+    The larger of two measurements over ``samples × interval_s`` seconds (Linux):
+
+    * the CPU time the cores this process may run on spent busy (``/proc/stat``), less
+      this process's own, per second: a job that computes counts, however recently it
+      started;
+    * the median number of tasks runnable right now besides this one (``/proc/loadavg``,
+      sampled ``samples`` times): it sees a job that is waiting for a core.
+
+    Not the one-minute load average: it decays over minutes, so work that has just ended
+    (the previous run of a benchmark, the previous step of a script) would still count
+    and ``auto`` would take one thread on an idle machine. Elsewhere (no ``/proc``) the
+    one-minute load average is what there is.
     """
-    try:
-        average = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        average = 0.0
+    cpus = _allowed_cpus()
+    before = _busy_jiffies(cpus)
+    own0, wall0 = time.process_time(), time.perf_counter()
     now = []
     for i in range(max(1, samples)):
         try:
@@ -101,7 +109,48 @@ def other_load(samples: int = 5, interval_s: float = 0.02) -> float:
             break
         if i + 1 < samples:
             time.sleep(interval_s)
-    return max(average, float(statistics.median(now)) if now else 0.0)
+    after = _busy_jiffies(cpus)
+    if before is None or after is None or not now:
+        try:
+            return max(0.0, os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0.0
+    busy, total = after[0] - before[0], after[1] - before[1]
+    elapsed = time.perf_counter() - wall0
+    busy_cores = len(cpus) * busy / total if total > 0 else 0.0
+    own = (time.process_time() - own0) / elapsed if elapsed > 0 else 0.0
+    return max(busy_cores - own, float(statistics.median(now)), 0.0)
+
+
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _busy_jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """``(busy, total)`` clock ticks of ``cpus`` since boot (``/proc/stat``), or ``None``.
+
+    Busy is everything but ``idle`` and ``iowait``; ``guest`` time is already in ``user``.
+    """
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    seen = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+        if len(ticks) < 8:
+            return None
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+        seen += 1
+    return (busy, total) if seen else None
 
 
 def available_cores() -> int:
@@ -130,9 +179,10 @@ def choose_threads(
     """The intra-op thread count for one process.
 
     ``auto`` gives each process the cores that are free now: the cores it may run on
-    (:func:`available_cores`), less the other work (:func:`other_load`: the one-minute
-    load average, or the tasks runnable right now where that is higher, so that a job
-    started a moment ago counts too), shared by ``processes`` processes, rounded, at
+    (:func:`available_cores`), less the other work (:func:`other_load`: the CPU time
+    other processes take on those cores over a tenth of a second, or the tasks runnable
+    right now where that is higher, so that a job started a moment ago counts and one
+    that ended a moment ago does not), shared by ``processes`` processes, rounded, at
     least 1. Why: on 2 cores two threads trained 1.5-1.7x faster than one on an idle
     machine, and 1.6-2.3x slower while each core ran another job's busy process, because
     every op then waits for a core another job holds

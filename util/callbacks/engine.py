@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data.recordings import RecordingWindows
 from models.task import Task
-from util.deploy.runtime import ExportError, OnnxRuntimeRunner
+from util.deploy.errors import ExportError
 from util.night.shared_windows import SharedWindowRunner
 from util.night.tinycnn_graphs import supports_tinycnn
 
@@ -84,7 +84,9 @@ class PredictEngine(Callback):
                 pl_module.predict_runner = SharedWindowRunner(
                     pl_module, window_hop_frames(trainer), threads=threads
                 )
-            else:
+            else:  # the exporter's stack (torch.onnx, onnxscript) only where it is used
+                from util.deploy.runtime import OnnxRuntimeRunner
+
                 pl_module.predict_runner = OnnxRuntimeRunner(
                     pl_module, pl_module.input_shape, threads=threads
                 )

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from data.malloc import keep_heap_flat
+from data.malloc import keep_heap_flat, release_free_memory
 from util.checkpoint import read_checkpoint
 from util.night.events import PostProcessing
 from util.night.probabilities import (
@@ -99,12 +99,13 @@ class NightWriter(BasePredictionWriter):
     (:func:`util.night.summary.console_line`), with a warning where the snore events
     and the time snore is the top class disagree (:func:`util.night.summary.snore_warning`).
 
-    Thresholds calibrated on validation travel in the checkpoint (key
+    Post-processing calibrated on validation travels in the checkpoint (key
     ``earsleep_postprocessing``, written at the end of ``fit`` by
-    :class:`util.callbacks.Calibration` or by ``python -m util.night.calibrate``). At
-    predict start the writer reads them from ``trainer.ckpt_path`` (weights-only) and
-    uses them for every calibrated field (``on_threshold``, ``off_threshold``) the user
-    left at :class:`util.night.PostProcessing`'s default: a field that differs from the
+    :class:`util.callbacks.Calibration` or by ``python -m util.night.calibrate``, on clips
+    or with ``--recordings`` on labelled recordings). At predict start the writer reads it
+    from ``trainer.ckpt_path`` (weights-only) and uses it for every calibrated field
+    (``on_threshold`` and ``off_threshold``; from recordings also ``median_windows``,
+    ``min_duration_s`` and ``merge_gap_s``) the user left at :class:`util.night.PostProcessing`'s default: a field that differs from the
     default was set in a config or on the command line, and wins. To use a default value
     over the calibrated one, pass ``--night.use_calibration false``. ``summary.json``'s
     ``postprocessing.source`` (and the console line's ``thresholds:``) says which:
@@ -238,6 +239,7 @@ class NightWriter(BasePredictionWriter):
             self._rows.append(row)
             return
         probs = rec.result(key) if rec.count else np.zeros((0, len(class_names)), np.float32)
+        release_free_memory()  # what the loop freed, before writing and plotting add theirs
         if probs.shape[1] != len(class_names):
             raise ValueError(
                 f"{key}: predictions have {probs.shape[1]} columns for classes {class_names}"

@@ -22,6 +22,8 @@
   (:func:`calibrate_thresholds`), stored in a checkpoint (:func:`store_calibration`,
   :func:`load_calibration`); its names are offered here but imported on first use (it
   loads torch, which ``rederive`` must not);
+- :mod:`util.night.recalibrate`: median, thresholds, minimum duration and merge gap chosen
+  on labelled recordings from their saved probabilities (``calibrate_on_recordings``);
 - :mod:`util.night.calibrate`: ``python -m util.night.calibrate --ckpt_path X``, not
   imported here, for the same reason as ``generate``.
 

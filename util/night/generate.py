@@ -20,9 +20,10 @@ adds is continuity: one room for the whole night (level drifting slowly within Â
 around a level drawn in the corpus's range; its noise colour drawn like the corpus's but
 with less white noise, since bedrooms hum more than they hiss), a breathing rhythm whose
 phase runs on across seconds, and a signal-to-noise ratio per segment (5-20 dB, inside
-the corpus's -10..25 dB). Each second of an event is rendered by the primitives with its own draws (voice,
-channel gains) like one training clip and joined to the next with a 64 ms
-equal-power crossfade.
+the corpus's ranges). The night is an earable night (in-ear and outer microphone; no
+bedside recorder, reverberation or recording gain, which only the corpus adds). Each
+second of an event is rendered by the primitives with its own draws (voice, channel
+gains) like one training clip and joined to the next with a 64 ms equal-power crossfade.
 """
 
 from __future__ import annotations

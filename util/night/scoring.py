@@ -22,8 +22,13 @@ an empty output (a class never detected has precision 0, so F1 0 rather than a g
 the class average); a value the library leaves undefined (NaN) is returned as ``None``.
 Macro F1 is the library's class-wise average: the mean F1 over classes whose F1 is defined.
 
-``sed_scores_eval`` (PSDS, threshold-independent scores) is not used: it depends on
-``sed_eval`` itself and adds a C extension built at install time.
+PSDS (threshold-independent, from the saved window probabilities) is not computed: both
+maintained implementations fail under pandas 3, which ``datasets`` brings in. Measured
+2026-12-02: ``sed_scores_eval`` 0.0.4 (an sdist with a Cython extension, 3 minutes to
+build) raises "buffer source array is read-only" in ``onset_offset_curves`` because pandas
+3 hands out read-only arrays (copy-on-write); ``psds_eval`` 0.5.3 calls
+``fillna(method=...)``, removed in pandas 3. A home-made PSDS would be exactly the
+hand-written scorer this module replaced.
 """
 
 from __future__ import annotations

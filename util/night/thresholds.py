@@ -1,15 +1,24 @@
-"""Post-processing thresholds chosen on labelled validation clips, and their record in a checkpoint.
+"""Post-processing calibrated on labelled validation data, and its record in a checkpoint.
 
-The search (:func:`calibrate_thresholds`), the record it makes
+The clip search (:func:`calibrate_thresholds`), the record it and the search on labelled
+recordings (:func:`util.night.recalibrate.calibrate_on_recordings`) make
 (:class:`CalibratedThresholds`) and how a checkpoint stores and gives it back
 (:func:`store_calibration`, :func:`load_calibration`). :mod:`util.night.calibrate` explains
-the rule and is the command that runs a checkpoint over its validation split.
+the rules and is the command that runs them.
+
+The record's layout: version 1 holds ``on_threshold`` and ``off_threshold``; version 2
+(written now) may also hold ``median_windows``, ``min_duration_s`` and ``merge_gap_s``
+(:data:`CALIBRATED_FIELDS`). Both are read.
+
+Why about 530 lines: the clip search, the record (two layout versions, validated field by
+field) and its storage in a checkpoint are one contract, read back by ``predict``.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -23,11 +32,14 @@ from models.task import checkpoint_validation_score
 from util.checkpoint import read_checkpoint
 from util.night.events import PostProcessing
 from util.night.probabilities import json_types
+from util.night.summary import format_duration
 
 __all__ = [
     "CALIBRATED_FIELDS",
     "CHECKPOINT_KEY",
+    "FORMAT_VERSION",
     "GRID",
+    "THRESHOLD_FIELDS",
     "CalibratedThresholds",
     "CalibrationError",
     "best_threshold",
@@ -46,13 +58,23 @@ PROG = "python -m util.night.calibrate"
 #: The checkpoint's top-level key holding :meth:`CalibratedThresholds.record`.
 CHECKPOINT_KEY = "earsleep_postprocessing"
 #: What the record says it is, and the version of its layout.
-FORMAT, FORMAT_VERSION = "earsleep.postprocessing", 1
+FORMAT, FORMAT_VERSION = "earsleep.postprocessing", 2
 #: The ``on_threshold`` candidates.
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 #: ``off_threshold`` is this much below ``on_threshold`` (at most half of it).
 OFF_GAP = 0.1
-#: The fields calibration chooses (the others keep the user's or the defaults).
-CALIBRATED_FIELDS = ("on_threshold", "off_threshold")
+#: The fields a calibration may choose (the others keep the user's or the defaults): clip
+#: calibration chooses the two thresholds, calibration on recordings all five.
+CALIBRATED_FIELDS = (
+    "median_windows",
+    "on_threshold",
+    "off_threshold",
+    "min_duration_s",
+    "merge_gap_s",
+)
+#: The fields of the record's version 1 (and of clip calibration).
+THRESHOLD_FIELDS = ("on_threshold", "off_threshold")
+_DURATION_FIELDS = ("min_duration_s", "merge_gap_s")
 _DEFAULTS = PostProcessing()
 
 
@@ -114,29 +136,47 @@ class CalibratedThresholds:
 
     Attributes:
         postprocessing: :class:`PostProcessing`'s defaults with the calibrated fields
-            (:data:`CALIBRATED_FIELDS`: a ``{class: value, "default": value}`` mapping each).
-        provenance: ``split``, ``clips``, ``class_counts``, ``method``, ``per_class``
-            (``on_threshold``, ``off_threshold``, ``f1``, ``precision``, ``recall``,
-            ``clips`` and ``f1_before``, the F1 at the thresholds it replaced),
-            ``not_calibrated`` (class: why), ``data`` (the split's cache key), ``created_utc``
+            (``calibrated``: a ``{class: value, "default": value}`` mapping each, but
+            ``median_windows``, one odd number for every class).
+        provenance: on clips: ``split``, ``clips``, ``class_counts``, ``method`` (the rule in
+            words), ``per_class`` (``on_threshold``, ``off_threshold``, ``f1``,
+            ``precision``, ``recall``, ``clips`` and ``f1_before``, the F1 at the thresholds
+            it replaced), ``not_calibrated`` (class: why), ``data`` (the split's cache key);
+            on recordings (``method`` ``"recordings"``), see
+            :func:`util.night.recalibrate.calibrate_on_recordings`. Both: ``created_utc``
             and ``checkpoint`` (its file, epoch, step, validation score, ``weights_sha256``)
             once stored.
+        calibrated: the fields of ``postprocessing`` that were calibrated (in
+            :data:`CALIBRATED_FIELDS`' order); the others are defaults, not choices.
     """
 
     postprocessing: PostProcessing
     provenance: dict[str, Any] = field(default_factory=dict)
+    calibrated: tuple[str, ...] = THRESHOLD_FIELDS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.calibrated) - set(CALIBRATED_FIELDS))
+        if unknown:
+            raise CalibrationError(f"{unknown} cannot be calibrated (only {CALIBRATED_FIELDS})")
+        ordered = tuple(name for name in CALIBRATED_FIELDS if name in self.calibrated)
+        object.__setattr__(self, "calibrated", ordered)
 
     def values(self) -> dict[str, Any]:
         """The calibrated fields and their values."""
-        return {name: getattr(self.postprocessing, name) for name in CALIBRATED_FIELDS}
+        return {name: getattr(self.postprocessing, name) for name in self.calibrated}
 
     def source(self, label: str = "snore") -> str:
-        """``calibrated on validation (800 clips, snore F1 0.71 at on 0.45/off 0.35)``.
+        """Where the post-processing came from, in one phrase.
 
-        Names ``label`` when it was calibrated, else every calibrated class.
+        On clips: ``calibrated on validation (800 clips, snore F1 0.71 at on 0.45/off
+        0.35)``; on recordings: ``calibrated on 3 validation recordings (2.1 h, snore event
+        F1 0.71, 0.00 before; on 0.45/off 0.35, min 1 s, gap 5 s, median 3)``. Names
+        ``label`` when it was calibrated, else every calibrated class.
         """
         per_class = self.provenance.get("per_class") or {}
         named = [label] if label in per_class else list(per_class)
+        if self.provenance.get("method") == "recordings":
+            return self._recordings_source(named)
         scores = ", ".join(
             f"{c} F1 {per_class[c]['f1']:.2f} at on {per_class[c]['on_threshold']:g}"
             f"/off {per_class[c]['off_threshold']:g}"
@@ -147,11 +187,28 @@ class CalibratedThresholds:
         inside = ", ".join(x for x in (f"{clips} clips" if clips else "", scores) if x)
         return f"{head} ({inside})" if inside else head
 
+    def _recordings_source(self, named: Sequence[str]) -> str:
+        p = self.provenance
+        per_class = p.get("per_class") or {}
+        n = len(p.get("recordings") or [])
+        head = f"calibrated on {n} {p.get('split', 'validation')} recording" + "s" * (n != 1)
+        seconds = 3600.0 * float(p.get("hours") or 0.0)
+        length = f"{seconds / 3600.0:.1f} h" if seconds >= 360.0 else format_duration(seconds)
+        scores = "; ".join(
+            f"{c} event F1 {per_class[c]['f1']:.2f}, {per_class[c]['f1_before']:.2f} before; "
+            f"on {per_class[c]['on_threshold']:g}/off {per_class[c]['off_threshold']:g}, "
+            f"min {per_class[c]['min_duration_s']:g} s, gap {per_class[c]['merge_gap_s']:g} s"
+            for c in named
+        )
+        median = f"median {self.postprocessing.median_windows}"
+        return f"{head} ({', '.join(x for x in (length, scores, median) if x)})"
+
     def apply(self, given: PostProcessing) -> tuple[PostProcessing, list[str], list[str]]:
         """``given`` with every calibrated field it leaves at its default replaced.
 
         A field of ``given`` that differs from :class:`PostProcessing`'s default was set
-        by the user (a config or ``--night.postprocessing.*``) and wins.
+        by the user (a config or ``--night.postprocessing.*``) and wins. (A value set to
+        the default itself cannot be told from an unset one: the calibrated value is used.)
 
         Returns:
             ``(post-processing, calibrated fields used, fields the user set)``.
@@ -161,7 +218,7 @@ class CalibratedThresholds:
             for f in fields(PostProcessing)
             if getattr(given, f.name) != getattr(_DEFAULTS, f.name)
         ]
-        used = [name for name in CALIBRATED_FIELDS if name not in user]
+        used = [name for name in self.calibrated if name not in user]
         merged = replace(given, **{name: getattr(self.postprocessing, name) for name in used})
         return merged, used, user
 
@@ -182,34 +239,50 @@ class CalibratedThresholds:
 
     @classmethod
     def from_record(cls, record: Any) -> CalibratedThresholds:
-        """Rebuild from :meth:`record`'s dict.
+        """Rebuild from :meth:`record`'s dict (layout version 1 or 2).
 
         Raises:
             CalibrationError: not an earsleep record, of a newer layout, or damaged.
         """
         if not isinstance(record, Mapping) or record.get("format") != FORMAT:
             raise CalibrationError(f"not an earsleep calibration ({FORMAT!r} expected)")
-        if int(record.get("version", 0)) > FORMAT_VERSION:
+        version = record.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CalibrationError(f"damaged calibration: version is {version!r}")
+        if version > FORMAT_VERSION:
             raise CalibrationError(
-                f"calibration layout version {record['version']} is newer than this earsleep "
+                f"calibration layout version {version} is newer than this earsleep "
                 f"reads ({FORMAT_VERSION}); update earsleep"
             )
         values = record.get("postprocessing")
+        allowed = THRESHOLD_FIELDS if version == 1 else CALIBRATED_FIELDS
         if not (
             isinstance(values, Mapping)
-            and set(values) <= set(CALIBRATED_FIELDS)
-            and all(_is_per_class(v) for v in values.values())
+            and values
+            and set(values) <= set(allowed)
+            and all(_valid(str(k), v) for k, v in values.items())
         ):
             raise CalibrationError(f"damaged calibration: postprocessing is {values!r}")
         pp = replace(_DEFAULTS, **{str(k): v for k, v in values.items()})
-        return cls(pp, dict(record.get("provenance") or {}))
+        return cls(pp, dict(record.get("provenance") or {}), tuple(str(k) for k in values))
 
 
-def _is_per_class(value: Any) -> bool:
-    """A number in [0, 1], or a mapping of names to such numbers (a threshold's value)."""
+def _valid(name: str, value: Any) -> bool:
+    """Whether ``value`` can be the calibrated ``name``.
+
+    ``median_windows``: an odd whole number >= 1; a threshold: a number in [0, 1]; a
+    duration: seconds >= 0; the last two also as a mapping of names to such numbers.
+    """
+
+    if name == "median_windows":
+        return (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value % 2 == 1
+        )
+    high = math.inf if name in _DURATION_FIELDS else 1.0
 
     def number(x: Any) -> bool:
-        return isinstance(x, int | float) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+        real = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+        return real and 0.0 <= x <= high
 
     if isinstance(value, Mapping):
         return all(isinstance(k, str) and number(v) for k, v in value.items())
@@ -427,9 +500,18 @@ def load_calibration(
 
 
 def describe(calibration: CalibratedThresholds, class_names: Sequence[str]) -> str:
-    """One line per calibrated class: its thresholds, its F1 and the F1 before."""
+    """One line per calibrated class: its settings, its F1 and the F1 before."""
     lines = []
+    recordings = calibration.provenance.get("method") == "recordings"
     for label, c in (calibration.provenance.get("per_class") or {}).items():
+        if recordings:
+            lines.append(
+                f"  {label}: on {c['on_threshold']:g} / off {c['off_threshold']:g}, min "
+                f"{c['min_duration_s']:g} s, gap {c['merge_gap_s']:g} s, event F1 {c['f1']:.3f} "
+                f"(precision {c['precision']:.3f}, recall {c['recall']:.3f}; "
+                f"{c['f1_before']:.3f} before), {c['events']} true events, {c['detected']} found"
+            )
+            continue
         lines.append(
             f"  {label}: on {c['on_threshold']:g} / off {c['off_threshold']:g}, clip F1 "
             f"{c['f1']:.3f} (precision {c['precision']:.3f}, recall {c['recall']:.3f}; "
@@ -437,7 +519,12 @@ def describe(calibration: CalibratedThresholds, class_names: Sequence[str]) -> s
         )
     for label, why in (calibration.provenance.get("not_calibrated") or {}).items():
         pp = calibration.postprocessing.for_class(label, class_names)
-        lines.append(f"  {label}: not calibrated ({why}); keeps on {pp.on_threshold:g}")
+        kept = (
+            f"on {pp.on_threshold:g}, min {pp.min_duration_s:g} s, gap {pp.merge_gap_s:g} s"
+            if recordings
+            else f"on {pp.on_threshold:g}"
+        )
+        lines.append(f"  {label}: not calibrated ({why}); keeps {kept}")
     return "\n".join(lines)
 
 

@@ -30,26 +30,30 @@ macro-F1 no better than always answering the majority class, on test or validati
 flagged in ``runs.csv``, counted per configuration in the summary, and never chosen:
 not as a best, the teacher, the best student of the gate, or a baseline.
 
-Each run is ``main.py fit`` then ``test`` on the best checkpoint, in its own subprocess,
-as one Ray Tune trial (:mod:`util.sweep.tune`: a local Ray runtime by default, a cluster
-with ``--ray_address``; CPUs and fractional GPUs per run; retries; the phase's Tune
-experiment restored on resume); a crash is recorded as failed and the sweep goes on. The sweep writes ``runs.csv`` (one
+Each run is ``main.py fit`` then ``test`` on the best checkpoint in one process, as one
+Ray Tune trial (:mod:`util.sweep.tune`: a local Ray runtime by default, a cluster with
+``--ray_address``; CPUs and fractional GPUs per run; retries; the phase's Tune
+experiment restored on resume); by default inside the trial's Ray worker, which Tune
+reuses for the phase's next run (``--run_in subprocess``: a fresh Python per run). A
+crash is recorded as failed and the sweep goes on. The sweep writes ``runs.csv`` (one
 row per run), ``gate.json``, ``summary.csv`` and ``summary.md``: per configuration the
 mean ± std over seeds and a bootstrap 95% interval of the test macro-F1 from the stored
 ``test_predictions.csv``. The best configuration is chosen on the validation score only;
 test numbers are reported, never used to choose. Every row of ``runs.csv``, the summary
 and the leaderboard names its data (the hash of the run's ``data_fingerprint.json``)
 and its code (git commit and dirty flag, from ``git.json``). ``--resume true`` reuses a
-finished run only when its configuration hash (command line and the text of its YAML
-files), seed, data fingerprint (the data module's fingerprint now, probed without
-building anything) and code version all match, and prints one line for every run it
-trains again saying what differed.
+finished run only when its resolved configuration (as ``main.py``'s own parser resolves
+the command line: defaults, every config file and the files they include; comments and
+layout do not count), seed, data fingerprint (the data module's fingerprint now, probed
+without building anything) and code version all match, and prints one line for every
+run it trains again saying what differed (the first changed settings by name).
 
 One job a module:
 
 - :mod:`util.sweep.manifest`: the YAML manifest (its format is documented there), grid
   expansion and the collapse of equal runs;
-- :mod:`util.sweep.run`: one run's command line, its subprocess and its results;
+- :mod:`util.sweep.run`: one run's command line, resolved configuration, execution and
+  results;
 - :mod:`util.sweep.tune`: where runs execute (Ray Tune experiments, one per phase);
 - :mod:`util.sweep.stats`: mean ± std, the bootstrap interval, the teacher gate;
 - :mod:`util.sweep.report`: progress lines, CSV tables, ``summary.md``;
@@ -65,7 +69,9 @@ from util.sweep.run import (
     data_fingerprint_now,
     fit_and_test,
     read_result,
+    resolve_config,
     subprocess_runner,
+    worker_runner,
 )
 from util.sweep.stats import GateDecision, bootstrap_macro_f1, eligible_score, evaluate_gate
 from util.sweep.sweep import Sweep, SweepError
@@ -88,5 +94,7 @@ __all__ = [
     "load_manifest",
     "main",
     "read_result",
+    "resolve_config",
     "subprocess_runner",
+    "worker_runner",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
@@ -85,6 +86,14 @@ def build_parser() -> ArgumentParser:
         help="most runs at once (0: as many as the CPUs and GPUs allow)",
     )
     parser.add_argument(
+        "--run_in",
+        type=Literal["worker", "subprocess"],
+        default="worker",
+        help="where each run's fit + test executes: worker (inside its Ray worker, which takes "
+        "the next run too, so imports are paid once per worker) or subprocess (a fresh Python "
+        "per run: for runs that start processes of their own, e.g. DDP over several devices)",
+    )
+    parser.add_argument(
         "--retries",
         type=NonNegativeInt,
         default=0,
@@ -127,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent_trials=args.max_concurrent_trials,
             retries=args.retries,
         ),
+        run_in=args.run_in,
         echo=echo,
         distil_anyway=args.distil_anyway,
     )

@@ -112,7 +112,7 @@ def _heatmap_panel(ax: Any, student: str, rows: Sequence[Mapping[str, Any]]) -> 
     ax.set_yticks(range(len(alphas)), [_tick(a) for a in alphas])
     ax.set_xlabel("temperature T")
     ax.set_ylabel("alpha")
-    ax.set_title(f"KD from the teacher: {student}")
+    ax.set_title(f"KD into {student} (student)")
     finite = grid[np.isfinite(grid)]
     middle = float(finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(len(alphas)):

@@ -220,8 +220,9 @@ def evaluate_gate(
 ) -> GateDecision:
     """Compare the teacher's mean validation score with the best student's.
 
-    Only :func:`eligible_score` counts: a collapsed teacher fails the gate, and a
-    collapsed student is not the best student.
+    Only :func:`eligible_score` counts: a collapsed teacher fails the gate, a collapsed
+    student is not the best student, and when every student collapsed or failed the gate
+    is not met (the teacher beat nothing; the summary lists them as left out).
 
     Args:
         results: finished runs (only ``ok`` ones count).
@@ -242,5 +243,7 @@ def evaluate_gate(
     t = score(teacher)
     b = scored.get(best) if best else None
     gain = None if t is None or b is None else (t - b if MODE == "max" else b - t)
-    passed = t is not None and (gain is None or gain >= margin)
+    # With students to beat but none usable (every one collapsed or failed), the teacher
+    # has shown nothing: the gate is not met. Without students there is nothing to beat.
+    passed = t is not None and (gain >= margin if gain is not None else not students)
     return GateDecision(teacher, t, best, b, margin, passed, excluded=excluded)

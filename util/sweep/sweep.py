@@ -36,11 +36,15 @@ from util.sweep.run import (
     Run,
     Runner,
     RunResult,
+    changed_settings,
     data_fingerprint_now,
+    flat_settings,
     last_line,
     read_json,
     read_result,
-    subprocess_runner,
+    resolve_config,
+    runner_for,
+    settings_digest,
 )
 from util.sweep.stats import GateDecision, best_of, eligible_score, evaluate_gate
 from util.sweep.tune import Executor, RaySettings, RayTuneExecutor, Trial, TrialOutcome
@@ -72,9 +76,11 @@ class Sweep:
             runtime by default, or a cluster's address; resources per run; retries).
         executor: where runs execute (default: :class:`~util.sweep.tune.RayTuneExecutor`
             with ``ray``; tests pass an in-process one).
-        runner: how to execute one run (default: a subprocess of
-            :func:`~util.sweep.run.fit_and_test`, its threads pinned to the CPUs the
-            executor reserves per run).
+        runner: how to execute one run (default: :func:`~util.sweep.run.runner_for`
+            ``run_in``, its threads pinned to the CPUs the executor reserves per run).
+        run_in: ``worker`` (each run inside the executor's worker process, reused from
+            run to run) or ``subprocess`` (a fresh Python per run); see
+            :func:`~util.sweep.run.worker_runner`.
         root: the repository root (configs are relative to it).
         echo: where progress lines go.
         distil_anyway: run phase 2 even when no teacher meets the gate's margin after
@@ -83,6 +89,9 @@ class Sweep:
             now (default :func:`~util.sweep.run.data_fingerprint_now`); read on resume.
         code_probe: the code version now, as :func:`~util.callbacks.provenance.git_info`
             gives it (the default); read on resume.
+        config_probe: ``main.py`` arguments → the configuration they resolve to (default
+            :func:`~util.sweep.run.resolve_config`); read for every run before it runs
+            (its hash goes into ``sweep_run.json``) and on resume.
     """
 
     def __init__(
@@ -93,26 +102,31 @@ class Sweep:
         ray: RaySettings | None = None,
         executor: Executor | None = None,
         runner: Runner | None = None,
+        run_in: str = "worker",
         root: str | os.PathLike[str] = ROOT,
         echo: Callable[[str], None] = tqdm.write,
         distil_anyway: bool = False,
         data_probe: Callable[[list[str]], str | None] | None = None,
         code_probe: Callable[[], Mapping[str, Any]] | None = None,
+        config_probe: Callable[[list[str]], Mapping[str, Any]] | None = None,
     ) -> None:
         self.manifest = manifest
         self.out = Path(out).resolve()
         self.resume = resume
         self.executor = executor or RayTuneExecutor(ray or RaySettings(), self.out / "ray")
-        self.runner = runner or subprocess_runner(self.executor.threads_per_run())
+        self.runner = runner or runner_for(run_in, self.executor.threads_per_run())
         self.root = Path(root)
         self.echo = echo
         self.distil_anyway = distil_anyway
-        self.data_probe = data_probe or data_fingerprint_now
+        self.data_probe = data_probe or self._data_fingerprint_resolved
         self.code_probe = code_probe or git_info
+        self.config_probe = config_probe or resolve_config
         self.results: list[RunResult] = []
         self.gate: GateDecision | None = None
         self._code_now: tuple[Any, Any] | None = None
         self._data_now: dict[str, str | None] = {}
+        self._configs: dict[tuple[str, ...], Mapping[str, Any]] = {}
+        self._unresolved: dict[tuple[str, ...], str] = {}
         self._gap_notes: dict[tuple[str, int], str] = {}
 
     # -- planning
@@ -183,22 +197,44 @@ class Sweep:
             self._code_now = (git.get("commit"), git.get("dirty"))
         return self._code_now
 
+    def resolve(self, run: Run) -> None:
+        """Set the run's resolved settings and their digest (``None`` if it does not resolve)."""
+        argv = tuple(run.argv(self.out))
+        try:
+            config = self.config_probe(list(argv))
+        except Exception as err:  # the run itself fails with the same error, in its log
+            self._unresolved[argv] = f"{type(err).__name__}: {err}"
+            run.settings = run.digest = None
+            return
+        self._configs[argv] = config
+        run.settings = flat_settings(config)
+        run.digest = settings_digest(run.settings)
+
+    def _data_fingerprint_resolved(self, argv: list[str]) -> str | None:
+        return data_fingerprint_now(argv, self._configs.get(tuple(argv)))
+
     def _data_fingerprint_now(self, run: Run) -> str | None:
         """The data fingerprint hash the run would record now, probed once per data config."""
-        data_args = [
-            (k, v) for k, v in run.args if k == _DATA_KEYS[0] or k.startswith(_DATA_KEYS[1])
-        ]
-        key = json.dumps([run.configs, data_args], sort_keys=True, default=str)
+        argv = run.argv(self.out)
+        config = self._configs.get(tuple(argv))
+        if config is not None and "data" in config:
+            key = json.dumps(config["data"], sort_keys=True, default=str)
+        else:
+            data_args = [
+                (k, v) for k, v in run.args if k == _DATA_KEYS[0] or k.startswith(_DATA_KEYS[1])
+            ]
+            key = json.dumps([run.configs, data_args], sort_keys=True, default=str)
         if key not in self._data_now:
-            self._data_now[key] = self.data_probe(run.argv(self.out))
+            self._data_now[key] = self.data_probe(argv)
         return self._data_now[key]
 
     def _differences(self, run: Run) -> list[str] | None:
         """What keeps the run's earlier result from being reused; ``[]``: it holds.
 
         ``None`` when the run has no earlier attempt. It holds when it finished with test
-        metrics and its configuration hash, seed, data fingerprint and code version all
-        equal what this sweep would run now.
+        metrics and its resolved configuration (:func:`~util.sweep.run.resolve_config`:
+        defaults and included files applied, comments and layout ignored), seed, data
+        fingerprint and code version all equal what this sweep would run now.
         """
         record = read_json(run.run_dir(self.out) / RUN_RECORD)
         if record is None:
@@ -209,8 +245,16 @@ class Sweep:
         if result.status != "ok":
             return [f"it left no test metrics (metrics.json has no {TEST_SCORE})"]
         diffs = []
-        if record.get("hash") != run.config_hash(self.root):
-            diffs.append("its configuration changed (config files or settings)")
+        if run.digest is None:
+            why = self._unresolved.get(tuple(run.argv(self.out)), "unknown")
+            diffs.append(f"its configuration cannot be resolved now ({why})")
+        elif record.get("hash") != run.digest:
+            then = record.get("settings")
+            if isinstance(then, Mapping) and run.settings is not None:
+                what = changed_settings(then, run.settings) or "its settings"
+            else:
+                what = "recorded without its settings"
+            diffs.append(f"its configuration changed: {what}")
         if record.get("seed", run.seed) != run.seed:
             diffs.append(f"seed {record.get('seed')} -> {run.seed}")
         then, now = (result.git_commit, result.git_dirty), self._code_version_now()
@@ -241,7 +285,6 @@ class Sweep:
 
     def _execute_one(self, run: Run) -> RunResult:
         run_dir = run.run_dir(self.out)
-        digest = run.config_hash(self.root)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a stale or failed attempt: start clean
         run_dir.mkdir(parents=True)
@@ -259,13 +302,14 @@ class Sweep:
             "phase": run.phase,
             "name": run.name,
             "seed": run.seed,
-            "hash": digest,
+            "hash": run.digest,
             "status": "ok" if code == 0 else "failed",
             "returncode": code,
             "seconds": round(time.monotonic() - started, 1),
             "note": note,
             "command": "python main.py " + " ".join(argv),
             "log": str(log_path),
+            "settings": run.settings,
         }
         (run_dir / RUN_RECORD).write_text(json.dumps(mask_tree(record), indent=2) + "\n")
         result = read_result(run, self.out)
@@ -281,8 +325,8 @@ class Sweep:
     def execute(self, runs: Sequence[Run], title: str) -> list[RunResult]:
         """Run (or reuse, or skip) ``runs`` as one executor experiment; a line per run.
 
-        On resume, every run is checked before any trains (the data probe prints into a
-        captured stdout, which must not meet a training thread's progress lines). The
+        Every run's configuration is resolved first (its digest goes into its record);
+        on resume, every run is checked before any trains. The
         phase's earlier Tune experiment is restored when no run it finished has changed
         since (a changed one must train again, which a restored experiment would not do).
         """
@@ -295,6 +339,7 @@ class Sweep:
                 results[i] = RunResult(run.phase, run.name, run.seed, "skipped", out, note=run.note)
                 self.echo(f"[{title}] {run.name} seed {run.seed}: skipped ({run.note})")
                 continue
+            self.resolve(run)
             diffs = self._differences(run) if self.resume else None
             if diffs == []:
                 results[i] = read_result(run, self.out)

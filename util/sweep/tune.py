@@ -3,8 +3,10 @@
 The sweep keeps what is its own (the manifest's phases, the teacher gate, seeds,
 validation-only selection, statistics and the summary) and hands the running of each
 phase's runs to Ray Tune (:class:`RayTuneExecutor`): one Tune experiment per phase,
-one trial per run, each trial the run's ``main.py fit`` + ``test`` (in a subprocess,
-:func:`~util.sweep.run.subprocess_runner`) writing its usual run folder. Tune places
+one trial per run, each trial the run's ``main.py fit`` + ``test`` writing its usual run
+folder: inside the trial's Ray worker by default (:func:`~util.sweep.run.worker_runner`;
+Tune reuses the workers of a phase, ``reuse_actors``, so each pays its imports once), or
+in a subprocess per run (:func:`~util.sweep.run.subprocess_runner`). Tune places
 trials by their resources (CPUs, GPUs, fractional GPUs so that several tiny models share
 one), retries failed ones (``retries``) and restores an interrupted phase's experiment on
 ``--resume true``.
@@ -177,7 +179,9 @@ class RayTuneExecutor:
                     trainable,
                     param_space={"run": tune.grid_search(list(by_key))},
                     tune_config=tune.TuneConfig(
-                        max_concurrent_trials=s.max_concurrent_trials or None
+                        max_concurrent_trials=s.max_concurrent_trials or None,
+                        # a worker that finished a run takes the next one: its imports stay
+                        reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
                         name=experiment,

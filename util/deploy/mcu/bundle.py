@@ -42,7 +42,7 @@ from util.deploy.errors import ExportError
 from util.deploy.export import load_classifier
 from util.deploy.mcu.c_array import c_bytes, c_header, c_identifier
 from util.deploy.mcu.convert import to_tflite
-from util.deploy.mcu.frontend import PRECISIONS, CmsisLogMel, cycles_per_frame
+from util.deploy.mcu.frontend import PRECISIONS, CmsisLogMel, cycles_per_frame, pcm16
 from util.deploy.mcu.measure import (
     VELA_DEFAULTS,
     MeasureError,
@@ -87,10 +87,10 @@ def _features(split: Split, rows: np.ndarray, batch_size: int) -> tuple[np.ndarr
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 
 
-def _validation_audio(dm: Any, front_end: Any, class_names: list[str], n: int) -> np.ndarray:
-    """Up to ``n`` finite validation clips of the model's classes, at the front end's rate."""
+def _validation_audio(dm: Any, front_end: Any, class_names: list[str], n: int | None) -> np.ndarray:
+    """Up to ``n`` (``None``: all) finite validation clips of the model's classes, resampled."""
     waves: list[np.ndarray] = []
-    if n <= 0:
+    if n is not None and n <= 0:
         return np.zeros((0, 2, front_end.clip_samples), dtype=np.float32)
     for clip in dm.source.iter_clips("validation"):
         wave = getattr(clip, "waveform", None)
@@ -104,9 +104,18 @@ def _validation_audio(dm: Any, front_end: Any, class_names: list[str], n: int) -
             else np.pad(wave[:2], ((0, 0), (0, s - wave.shape[-1])))
         )
         waves.append(np.repeat(wave, 2, axis=0) if wave.shape[0] == 1 else wave)
-        if len(waves) >= n:
+        if n is not None and len(waves) >= n:
             break
     return np.stack(waves) if waves else np.zeros((0, 2, front_end.clip_samples), np.float32)
+
+
+def _differences(feats: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    diff = np.abs(feats - ref)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "p99_abs_diff": float(np.percentile(diff, 99)),
+        "median_abs_diff": float(np.median(diff)),
+    }
 
 
 def _frontend_check(
@@ -116,29 +125,50 @@ def _frontend_check(
     waves: np.ndarray,
     precisions: list[str],
 ) -> dict[str, Any]:
-    """Each CMSIS-DSP precision against LogMelFrontEnd on ``waves``."""
+    """Each CMSIS-DSP precision against LogMelFrontEnd on ``waves``.
+
+    Agreement is with fp32 PyTorch fed LogMelFrontEnd's features of the float audio. The
+    fixed-point precisions read 16-bit PCM, so ``pcm16`` (LogMelFrontEnd fed the same
+    audio rounded to 16 bits) separates what the rounding of the samples changes from what
+    the front end's arithmetic adds (each fixed-point entry's ``vs_pcm16``).
+    """
     with torch.inference_mode():
         ref = front_end(torch.from_numpy(waves)).numpy()
     ref_top = _logits(model, ref).argmax(1)
+
+    def agreement(feats: np.ndarray) -> dict[str, float]:
+        return {
+            "fp32_model_agreement": float(np.mean(_logits(model, feats).argmax(1) == ref_top)),
+            "int8_model_agreement": float(np.mean(runner(feats).argmax(1) == ref_top)),
+        }
+
     out: dict[str, Any] = {"clips": int(len(waves))}
+    pcm16_ref = None
+    if any(p != "f32" for p in precisions):
+        with torch.inference_mode():  # rounded after the channel mode, as CmsisLogMel does
+            adapted = front_end.adapt(torch.from_numpy(waves)).numpy()
+            pcm16_ref = front_end(torch.from_numpy(pcm16(adapted))).numpy()
+        out["pcm16"] = {
+            "what": "LogMelFrontEnd (float arithmetic) fed the audio rounded to 16-bit PCM",
+            **_differences(pcm16_ref, ref),
+            **agreement(pcm16_ref),
+        }
     for precision in precisions:
         fe = CmsisLogMel(front_end, precision)  # type: ignore[arg-type]
         started = time.perf_counter()
         feats = fe(waves)
         seconds = time.perf_counter() - started
-        diff = np.abs(feats - ref)
         ops = fe.ops_per_frame()
         out[precision] = {
-            "max_abs_diff": float(diff.max()),
-            "p99_abs_diff": float(np.percentile(diff, 99)),
-            "median_abs_diff": float(np.median(diff)),
-            "fp32_model_agreement": float(np.mean(_logits(model, feats).argmax(1) == ref_top)),
-            "int8_model_agreement": float(np.mean(runner(feats).argmax(1) == ref_top)),
+            **_differences(feats, ref),
+            **agreement(feats),
             "memory": fe.memory(),
             "ops_per_frame": ops,
             "cycles_per_frame_estimate": cycles_per_frame(ops),
             "host_seconds_per_clip": seconds / max(1, len(waves)),
         }
+        if precision != "f32" and pcm16_ref is not None:
+            out[precision]["vs_pcm16"] = _differences(feats, pcm16_ref)
     return out
 
 
@@ -170,6 +200,9 @@ def _frontend_header(
         defines["EARSLEEP_INPUT_ZERO_POINT"] = int(quant[1])
     tables: dict[str, np.ndarray] = {
         "earsleep_window": fe._window_f32,
+        # the fixed-point paths' windows, as CmsisLogMel rounds them (arm_float_to_q31/q15)
+        "earsleep_window_q31": fe.dsp.arm_float_to_q31(fe._window_f32),
+        "earsleep_window_q15": fe.dsp.arm_float_to_q15(fe._window_f32),
         "earsleep_mel_first_bin": bands.starts.astype(np.uint16),
         "earsleep_mel_length": lengths,
         "earsleep_mel_offset": offsets,
@@ -199,7 +232,7 @@ def write_bundle(
     run_config: str | Path | None = None,
     calib_clips: int = 300,
     val_clips: int | None = None,
-    frontend_clips: int = 64,
+    frontend_clips: int | None = None,
     frontend_precision: list[str] | None = None,
     min_agreement: float = MIN_AGREEMENT,
     converter_python: str | Path | None = None,
@@ -219,9 +252,9 @@ def write_bundle(
         run_config: the run's config.yaml (default: next to the checkpoint or one up).
         calib_clips: validation clips the int8 ranges are calibrated on.
         val_clips: validation clips int8 agreement is measured on (default: all).
-        frontend_clips: validation clips (audio) the CMSIS-DSP front end is checked on;
-            0 skips the check.
-        frontend_precision: CMSIS-DSP precisions to check: f32, q15 (default: both).
+        frontend_clips: validation clips (audio) the CMSIS-DSP front end is checked on
+            (default: all of them; 0 skips the check).
+        frontend_precision: CMSIS-DSP precisions to check: f32, q31, q15 (default: all).
         min_agreement: refuse (after writing everything) an int8 file whose top class
             agrees with fp32 PyTorch on less than this share of validation clips.
         converter_python: a Python interpreter with litert-torch, when this one has none
@@ -303,10 +336,10 @@ def write_bundle(
     thresholds = calibration.values() if calibration is not None else None
     _frontend_header(out_dir / f"{stem}_frontend.h", model, front_end, quant, thresholds)
     check: dict[str, Any] | None = None
-    if frontend_clips > 0:
-        log.info("checking the CMSIS-DSP front end on %d validation clips", frontend_clips)
+    if frontend_clips is None or frontend_clips > 0:
         dm, _ = run_datamodule(ckpt_path, model.hparams, run_config, progress)
         waves = _validation_audio(dm, front_end, list(data.class_names), frontend_clips)
+        log.info("checking the CMSIS-DSP front end on %d validation clips", len(waves))
         check = _frontend_check(model, runner, front_end, waves, precisions) if len(waves) else None
 
     files = {

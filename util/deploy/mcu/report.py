@@ -51,25 +51,29 @@ def frontend_rows(manifest: dict[str, Any]) -> list[list[str]]:
     """The CMSIS-DSP front end's rows (:data:`FRONTEND_COLUMNS`).
 
     Agreement: the top class of the model fed the CMSIS-DSP features (fp32 PyTorch, and the
-    int8 file in TensorFlow Lite Micro) against fp32 PyTorch fed LogMelFrontEnd's.
+    int8 file in TensorFlow Lite Micro) against fp32 PyTorch fed LogMelFrontEnd's. The
+    ``LogMelFrontEnd 16-bit`` row is LogMelFrontEnd fed the audio rounded to 16-bit PCM, as
+    the fixed-point paths read it; their "vs 16-bit" column is the arithmetic's own error.
     """
     check = manifest.get("frontend") or {}
     rows = []
-    for precision in ("f32", "q15"):
-        c = check.get(precision)
+    for key in ("f32", "pcm16", "q31", "q15"):
+        c = check.get(key)
         if not c:
             continue
+        mem, ops = c.get("memory"), c.get("ops_per_frame")
+        vs = c.get("vs_pcm16")
         rows.append(
             [
-                f"CMSIS-DSP {precision}",
-                f"{c['max_abs_diff']:.2g}",
-                f"{c['p99_abs_diff']:.2g}",
+                "LogMelFrontEnd 16-bit" if key == "pcm16" else f"CMSIS-DSP {key}",
+                f"{c['median_abs_diff']:.2g} / {c['p99_abs_diff']:.2g} / {c['max_abs_diff']:.2g}",
+                f"{vs['p99_abs_diff']:.2g} / {vs['max_abs_diff']:.2g}" if vs else "-",
                 f"{c['fp32_model_agreement']:.2%}",
                 f"{c['int8_model_agreement']:.2%}",
                 f"{check['clips']}",
-                _kib(c["memory"]["ram_total"]),
-                _kib(c["memory"]["flash_total"]),
-                _kib(c["ops_per_frame"]["total"]),
+                _kib(mem["ram_total"]) if mem else "-",
+                _kib(mem["flash_total"]) if mem else "-",
+                _kib(ops["total"]) if ops else "-",
             ]
         )
     return rows
@@ -77,8 +81,8 @@ def frontend_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 FRONTEND_COLUMNS = (
     "front end",
-    "max abs Δ (log)",
-    "p99 abs Δ",
+    "abs Δ (log) median / p99 / max",
+    "vs 16-bit p99 / max",
     "fp32 agree (CMSIS in)",
     "int8 TFLM agree (CMSIS in)",
     "clips",
