@@ -427,6 +427,11 @@ def test_the_command_says_in_one_line_what_is_wrong(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --config" in err[0]
     assert main(["--ckpt_path", str(ckpt), "--batch_size", "0"]) == 2
+    capsys.readouterr()
+    # an option of the recordings calibration without --recordings is refused, not ignored
+    assert main(["--ckpt_path", str(ckpt), "--start_from", "defaults"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--start_from only apply with --recordings" in err[0]
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out

@@ -178,6 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    recordings_only = {
+        "--ignore_labels": args.ignore_labels is not None,
+        "--collar_s": args.collar_s is not None,
+        "--start_from": args.start_from != "checkpoint",
+    }
+    if args.recordings is None and any(recordings_only.values()):
+        given = ", ".join(name for name, set_ in recordings_only.items() if set_)
+        print(
+            f"error: {given} only apply with --recordings (calibration on clips has no events) "
+            f"(options: {PROG} --help)",
+            file=sys.stderr,
+        )
+        return 2
     if args.recordings is not None and (args.config is not None or args.batch_size is not None):
         print(
             "error: --config and --batch_size are for calibration on clips; --recordings reads "
