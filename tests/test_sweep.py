@@ -340,6 +340,18 @@ class FakeRunner:
         return 0
 
 
+def _write_two_run_manifest(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    """``raw`` cut to a student and a teacher run (no phase 2), written as ``manifest.yaml``."""
+    raw.update(
+        phase1=[{"name": "student", "model": "student"}, {"name": "teacher", "model": "teacher"}],
+        gate={"teacher": "teacher", "margin": 0.05},
+        phase2=[],
+    )
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def _sweep(
     tmp_path: Path,
     runner: FakeRunner,
@@ -813,13 +825,7 @@ def test_resume_reruns_a_run_whose_included_yaml_changed_and_not_a_reformatted_o
         "student": {"configs": [str(experiment)]},
         "teacher": {"configs": [str(experiment)], "args": {"trainer.max_epochs": 3}},
     }
-    raw.update(
-        phase1=[{"name": "student", "model": "student"}, {"name": "teacher", "model": "teacher"}],
-        gate={"teacher": "teacher", "margin": 0.05},
-        phase2=[],
-    )
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = _write_two_run_manifest(tmp_path, raw)
 
     def sweep(runner: FakeRunner, lines: list[str], resume: bool = True) -> Sweep:
         return Sweep(
@@ -1083,13 +1089,7 @@ def test_a_two_trial_sweep_runs_on_a_local_ray_runtime_retries_and_restores(
 ) -> None:
     """Real Ray Tune: one trial per run, a failed run retried, the experiment restored."""
     raw = _manifest_dict(tmp_path, seeds=(0,))
-    raw.update(
-        phase1=[{"name": "student", "model": "student"}, {"name": "teacher", "model": "teacher"}],
-        gate={"teacher": "teacher", "margin": 0.05},
-        phase2=[],
-    )
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = _write_two_run_manifest(tmp_path, raw)
     (marks := tmp_path / "marks").mkdir()
     runner = FailOnce({"student": (0.6, 0.6), "teacher": (0.8, 0.8)}, marks)
     out = tmp_path / "out"

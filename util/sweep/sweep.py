@@ -7,6 +7,9 @@ neither the manifest (``gate.on_fail: distil``) nor the caller (``distil_anyway`
 to distil anyway. A collapsed run is never chosen: not as a best, the teacher or a
 baseline. ``runs.csv``, ``gate.json``, ``summary.csv`` and ``summary.md`` land in the
 output folder beside ``runs/`` and ``leaderboard.csv``.
+
+Why about 500 lines: planning, resume (what changed, run by run), the gate with its tuning
+and the phase-2 decision are one flow over one set of results.
 """
 
 from __future__ import annotations
