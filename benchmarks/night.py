@@ -14,7 +14,10 @@ when prediction starts, which the wall time includes) →
 Prints the real-time factor (recording seconds per wall second), CPU time and peak RSS;
 the two lengths show whether memory stays flat as the night grows.
 
-Each night runs for every ``--threads`` value (``1`` and ``auto``, earsleep's default:
+Features are computed in a thread of their own, ahead of the model
+(``data.predict_prefetch``, the default; ``--prefetch false`` measures without), and the
+model gets one thread fewer than ``--threads`` chose, at least one. Each night runs for
+every ``--threads`` value (``1`` and ``auto``, earsleep's default:
 :func:`util.cpu.choose_threads`, the cores free now) on an idle machine and with
 ``--load`` busy processes (one spinning Python loop each, started by the benchmark, as
 ``benchmarks/train_throughput.py --load`` does), by default none and one per core. A
@@ -24,6 +27,7 @@ machine that is already busy (other jobs) shows in the load-average column.
     python benchmarks/night.py --hours 1 --repeats 3 # medians over three runs
     python benchmarks/night.py --hop_s 0.48          # a hop the pooling strides divide
     python benchmarks/night.py --engine torch --hours 2 --threads 1 --load 0
+    python benchmarks/night.py --prefetch false      # one thread reads, computes features, runs the model
 
 Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a checkpoint
 trained with ``config/demo.yaml``) to also see sensible events. Targets on a 2-core
@@ -126,6 +130,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--data.batch_size", str(args.batch_size),
         "--data.predict_hop_s", str(args.hop_s),
         "--data.num_workers", str(args.num_workers),
+        "--data.predict_prefetch", args.prefetch,
         "--predict_engine.runtime", args.engine,
         "--threads", str(args.threads),
         "--night.output_dir", str(out),
@@ -145,6 +150,7 @@ def run_one(args: argparse.Namespace) -> dict:
     cli(command)
     wall = time.perf_counter() - t0
     threads = torch.get_num_threads()
+    ahead = args.prefetch == "true" and args.num_workers == 0
     summary = json.loads(next(out.glob("*/summary.json")).read_text())
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
@@ -162,6 +168,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "rss_workers_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if args.num_workers else 0.0,
         "snore_episodes": summary["snore"]["episodes"],
         "threads": threads,
+        "model_threads": max(1, threads - 1) if ahead else threads,  # engine.model_threads
+        "feature_thread": ahead,
         "thread_reason": choice.reason,
         "load_start": os.getloadavg()[0],
     }
@@ -198,6 +206,12 @@ def main() -> None:
         nargs="+",
         default=None,
         help="busy processes during each run (default: 0 and one per core)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        choices=["true", "false"],
+        default="true",
+        help="data.predict_prefetch: features in a thread of their own, ahead of the model",
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (median shown)")
     parser.add_argument(
@@ -248,6 +262,7 @@ def main() -> None:
                         "--threads", str(threads),
                         "--seed", str(args.seed),
                         "--engine", args.engine,
+                        "--prefetch", args.prefetch,
                     ]  # fmt: skip
                     if args.ckpt_path:
                         child += ["--ckpt_path", args.ckpt_path]
@@ -263,20 +278,21 @@ def main() -> None:
     print(
         f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
         f"engine {args.engine}, batch {args.batch_size}, hop {args.hop_s} s, "
+        f"prefetch {args.prefetch}, "
         f"workers {args.num_workers}; {cpu_model()}, {available_cores()} cores; "
         f"median of {args.repeats} run(s)"
     )
     print(
-        "| night (h) | windows | busy procs | load avg | --threads | threads | wall (s) | "
+        "| night (h) | windows | busy procs | load avg | --threads | threads | model + feature threads | wall (s) | "
         "RTF (x real time) | CPU (s) | RSS before (MB) | of which GPU libraries (MB) | "
         "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
-            f"{r['requested']} | {r['threads']} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
+            f"{r['requested']} | {r['threads']} | {r['model_threads']} + {int(r['feature_thread'])} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
             f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | "
             f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
             f"{r['rss_workers_mb']:.0f} |"
@@ -284,7 +300,9 @@ def main() -> None:
     print(
         "busy procs: spinning processes the benchmark ran beside the night; load avg: the "
         "1-minute load average as the night ended (other jobs included). threads: what "
-        "--threads chose (util.cpu.choose_threads). CPU (s): user + system time of the "
+        "--threads chose (util.cpu.choose_threads); model + feature threads: ONNX Runtime's "
+        "intra-op threads and the thread that reads and computes features ahead of it "
+        "(data.predict_prefetch; 0: the same thread does both in turn). CPU (s): user + system time of the "
         "prediction, main process and workers. RSS before: the main process with torch, "
         "Lightning and the project imported, before the CLI starts; GPU libraries: the part "
         "of it that torch's CUDA wheel and Triton load even on a CPU (files and their "

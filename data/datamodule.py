@@ -82,6 +82,12 @@ class SleepSoundDataModule(L.LightningDataModule):
             (each window is the front end's clip length).
         predict_extra_channels: recordings with more than two channels: ``error``
             refuses them, ``first_two`` uses channels 0 and 1 (in-ear, outer).
+        predict_prefetch: read the recordings and compute their features in one
+            background thread, up to two batches ahead of the model, so that the two
+            run at once on two cores (the same windows and probabilities). The model
+            then gets one thread fewer than ``--threads`` gives, never less than one.
+            With ``num_workers`` above 0 the workers run ahead instead. ``false``: one
+            thread does everything in turn.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class SleepSoundDataModule(L.LightningDataModule):
         predict_audio: str | None = None,
         predict_hop_s: float = 0.5,
         predict_extra_channels: Literal["error", "first_two"] = "error",
+        predict_prefetch: bool = True,
     ) -> None:
         super().__init__()
         if source is None:
@@ -129,6 +136,7 @@ class SleepSoundDataModule(L.LightningDataModule):
         self.predict_audio = predict_audio
         self.predict_hop_s = predict_hop_s
         self.predict_extra_channels = predict_extra_channels
+        self.predict_prefetch = bool(predict_prefetch)
         self._class_weights_override = None if class_weights is None else list(class_weights)
         # No save_hyperparameters(): LightningCLI records the config, fingerprint() the data,
         # and keys shared with the model's hparams (class_weights) would clash when merged.
@@ -237,6 +245,7 @@ class SleepSoundDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             extra_channels=self.predict_extra_channels,
             num_workers=self.num_workers,
+            prefetch=self.predict_prefetch,
         )
 
     def fingerprint(self) -> dict[str, dict[str, Any]]:

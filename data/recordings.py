@@ -6,15 +6,19 @@ windows into features with the very front end the model was trained with;
 :func:`recordings_loader` is the DataLoader ``predict`` uses over ``predict_audio``.
 A recording that cannot be used (unreadable, zero-length, truncated, cut by a read
 error, shorter than one window) is one batch with ``error``/``status`` set
-(:data:`STATUSES`), so the other recordings go on.
+(:data:`STATUSES`), so the other recordings go on. With ``prefetch`` the reading and the
+features run in one background thread, a batch or two ahead of the model
+(:func:`ahead`), which is how a night uses two cores without the two waiting on each other.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +44,63 @@ STATUSES: dict[str, str] = {
     "truncated": "the file holds less data than its header promises; processed what is there",
     "too_short": "shorter than one window: no windows",
 }
+
+
+#: Batches the background thread may hold ready (``prefetch``): one being handed over and
+#: one more, about 3 MB each at the demo's 64 windows.
+PREFETCH_DEPTH = 2
+
+T = TypeVar("T")
+
+
+def ahead(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
+    """The items of ``items``, in order, produced by one background thread up to
+    ``depth`` ahead of the consumer.
+
+    The thread runs PyTorch with one intra-op thread (per thread under PyTorch's OpenMP
+    backend, so the caller's setting stands). An exception in it is raised here, at the
+    item where it happened; closing this generator early (``break``) stops the thread
+    and closes ``items`` before returning, so nothing keeps running.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def hand_over(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                if not hand_over(("item", item)):
+                    return
+            hand_over(("done", None))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            hand_over(("error", err))
+        finally:
+            close = getattr(items, "close", None)
+            if callable(close):
+                close()
+
+    worker = threading.Thread(target=produce, name="earsleep-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
 
 
 def window_count(samples: int, clip_samples: int, hop_samples: int) -> int:
@@ -75,7 +136,13 @@ class RecordingWindows(IterableDataset):
         extra_channels: ``error`` or ``first_two`` for files with more than two channels.
         block_s: seconds read from disk at a time.
         channels_last: hand ``x`` over in channels-last memory order (same values;
-            CPU convolutions run about twice as fast on it).
+            CPU convolutions in PyTorch run about twice as fast on it; ONNX Runtime
+            takes the default order, and :class:`util.callbacks.PredictEngine` turns
+            this off when it runs the model there).
+        prefetch: read and compute the features in one background thread, up to
+            :data:`PREFETCH_DEPTH` batches ahead of the model (:func:`ahead`; the same
+            items in the same order). Applies in the main process only: DataLoader
+            workers already run ahead of it.
     """
 
     def __init__(
@@ -87,6 +154,7 @@ class RecordingWindows(IterableDataset):
         extra_channels: ExtraChannels = "error",
         block_s: float = DEFAULT_BLOCK_S,
         channels_last: bool = True,
+        prefetch: bool = False,
     ) -> None:
         super().__init__()
         if hop_s <= 0 or batch_size < 1:
@@ -104,6 +172,7 @@ class RecordingWindows(IterableDataset):
         self.extra_channels = extra_channels
         self.block_s = float(block_s)
         self.channels_last = channels_last
+        self.prefetch = bool(prefetch)
         self.in_channels = 1 if front_end.out_channels == 1 else 2
         config = getattr(front_end, "config", None)
         self.feature_config: dict[str, Any] = config() if callable(config) else {}
@@ -155,6 +224,12 @@ class RecordingWindows(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         keep_heap_flat()  # in the process that computes the features (main or worker)
+        items = self._items()
+        if self.prefetch and get_worker_info() is None:
+            items = ahead(items)
+        yield from items
+
+    def _items(self) -> Iterator[dict[str, Any]]:
         for path in self.my_paths():
             yield from self.iter_recording(path)
 
@@ -226,39 +301,38 @@ class RecordingWindows(IterableDataset):
     ) -> Iterator[tuple[int, torch.Tensor, int, bool]]:
         """``(first window index, segment, windows, last)`` per batch, in order.
 
-        ``segment`` ``(C, samples)`` holds the batch's windows back to back (see
-        :meth:`_cut`). One batch is held back so the final one can be flagged once the
-        stream ends.
+        ``segment`` ``(C, samples)`` holds the batch's windows back to back, copied once
+        out of the blocks it spans (:func:`_span`); the blocks are held as they came,
+        never joined, and let go once no window needs them. One batch is held back so
+        the final one can be flagged once the stream ends.
         """
         clip, hop, batch = self.clip_samples, self.hop_samples, self.batch_size
-        buf = np.zeros((0, 0), np.float32)
-        buf_start = 0  # global sample index of buf[:, 0]
+        held: list[np.ndarray] = []  # blocks (or the rest of one) still needed, in order
+        start = 0  # global sample index of held[0][:, 0]
+        size = 0  # samples held
         k = 0  # next window index
         pending: tuple[int, torch.Tensor] | None = None
+
+        def windows_held() -> int:
+            return window_count(start + size - k * hop, clip, hop) if size else 0
+
         for block in blocks:
-            buf = block if buf.size == 0 else np.concatenate([buf, block], axis=1)
-            while window_count(buf_start + buf.shape[1] - k * hop, clip, hop) >= batch:
+            held.append(block)
+            size += block.shape[1]
+            while windows_held() >= batch:
                 if pending is not None:
                     yield (*pending, False)
-                pending = (k, self._cut(buf, k * hop - buf_start, batch), batch)
+                pending = (k, _span(held, k * hop - start, (batch - 1) * hop + clip), batch)
                 k += batch
-                drop = min(k * hop - buf_start, buf.shape[1])  # hop may exceed clip
-                buf, buf_start = buf[:, drop:], buf_start + drop
-        rest = window_count(buf_start + buf.shape[1] - k * hop, clip, hop) if buf.size else 0
+                drop = min(k * hop - start, size)  # hop may exceed clip
+                held, start, size = _let_go(held, drop), start + drop, size - drop
+        rest = windows_held()
         if rest:
             if pending is not None:
                 yield (*pending, False)
-            pending = (k, self._cut(buf, k * hop - buf_start, rest), rest)
+            pending = (k, _span(held, k * hop - start, (rest - 1) * hop + clip), rest)
         if pending is not None:
             yield (*pending, True)
-
-    def _cut(self, buf: np.ndarray, offset: int, count: int) -> torch.Tensor:
-        """The samples ``(C, span)`` of ``count`` windows starting ``offset`` into ``buf``.
-
-        A copy of just this span, so that the batch does not keep the block alive.
-        """
-        span = (count - 1) * self.hop_samples + self.clip_samples
-        return torch.from_numpy(np.ascontiguousarray(buf[:, offset : offset + span]))
 
     def _features(self, segment: torch.Tensor, count: int) -> torch.Tensor:
         """Features of the ``count`` windows in ``segment``.
@@ -310,6 +384,40 @@ class RecordingWindows(IterableDataset):
         return tuple(shape)
 
 
+def _span(blocks: list[np.ndarray], offset: int, length: int) -> torch.Tensor:
+    """Samples ``[offset, offset + length)`` of ``blocks`` laid end to end, as one new
+    contiguous ``(C, length)`` tensor: a copy, so that the batch keeps no block alive."""
+    parts, skip, need = [], offset, length
+    for block in blocks:
+        if skip >= block.shape[1]:
+            skip -= block.shape[1]
+            continue
+        part = block[:, skip : skip + need]
+        parts.append(part)
+        need -= part.shape[1]
+        skip = 0
+        if need == 0:
+            break
+    if len(parts) == 1:
+        return torch.from_numpy(parts[0].copy())
+    return torch.from_numpy(np.concatenate(parts, axis=1))
+
+
+def _let_go(blocks: list[np.ndarray], samples: int) -> list[np.ndarray]:
+    """``blocks`` without their first ``samples`` samples: whole blocks dropped, the next
+    one sliced (a view)."""
+    kept = list(blocks)
+    while samples and kept:
+        n = kept[0].shape[1]
+        if samples >= n:
+            samples -= n
+            kept.pop(0)
+        else:
+            kept[0] = kept[0][:, samples:]
+            samples = 0
+    return kept
+
+
 def recordings_loader(
     recordings: str | Path | Sequence[str | Path],
     front_end: nn.Module,
@@ -317,6 +425,7 @@ def recordings_loader(
     batch_size: int = 64,
     extra_channels: ExtraChannels = "error",
     num_workers: int = 0,
+    prefetch: bool = False,
 ) -> DataLoader:
     """The predict DataLoader over ``recordings``: :class:`RecordingWindows`, one batch an item.
 
@@ -327,6 +436,8 @@ def recordings_loader(
         batch_size: windows per batch.
         extra_channels: ``error`` or ``first_two`` for files with more than two channels.
         num_workers: DataLoader worker processes; recordings are split between them.
+        prefetch: with no workers, features in a background thread ahead of the model
+            (:class:`RecordingWindows`).
     """
     windows = RecordingWindows(
         recordings,
@@ -334,5 +445,6 @@ def recordings_loader(
         hop_s=hop_s,
         batch_size=batch_size,
         extra_channels=extra_channels,
+        prefetch=prefetch and num_workers == 0,
     )
     return DataLoader(windows, batch_size=None, num_workers=num_workers)

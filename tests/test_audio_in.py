@@ -316,8 +316,14 @@ def test_the_int8_audio_file_quantises_the_classifier_and_keeps_the_front_end_fl
     model, fe = got["model"], got["fe"]
     with torch.no_grad():
         calib = [fe(torch.from_numpy(sleep_sounds(16000, 8, seed=s))).numpy() for s in (61, 62)]
+    # u8s7 on every CPU: its integer sums are exact with and without VNNI (``auto`` would
+    # pick u8s8 where VNNI is, so the int8 arithmetic, and a borderline clip, would
+    # depend on the machine)
     int8_file = quantize_int8(
-        got["features_file"], tmp_path / "m.int8.onnx", CalibrationReader(lambda: iter(calib))
+        got["features_file"],
+        tmp_path / "m.int8.onnx",
+        CalibrationReader(lambda: iter(calib)),
+        scheme="u8s7",
     )
     path = ai.export_audio_onnx(model, tmp_path / "m.audio.int8.onnx", int8_file, fe)
     graph = onnx.load(str(path)).graph
@@ -332,9 +338,13 @@ def test_the_int8_audio_file_quantises_the_classifier_and_keeps_the_front_end_fl
     ref = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
     ours = run(ort_session(path, threads=1), audio)
     assert np.abs(ours - ref).max() <= 1e-6
-    assert np.array_equal(
-        ours.argmax(axis=1), pytorch_probabilities(model, fe, audio).argmax(axis=1)
-    )
+    # int8 keeps the float pipeline's class wherever the float one is decisive (a clip
+    # within 0.1 of a tie may go either way after quantisation)
+    float_probs = pytorch_probabilities(model, fe, audio)
+    top2 = np.sort(float_probs, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= 0.1
+    assert clear.sum() >= 4
+    assert np.array_equal(ours.argmax(axis=1)[clear], float_probs.argmax(axis=1)[clear])
 
 
 # -- the command line ---------------------------------------------------------------------

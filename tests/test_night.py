@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data.audio import resample
 from data.features import LogMelFrontEnd
-from data.recordings import RecordingWindows
+from data.recordings import RecordingWindows, ahead
 from data.streaming import BlockResampler, find_recordings, probe
 from models.classifier import Classifier
 from tests.helpers import build_like_cli, load_windows_whole, save_checkpoint
@@ -388,6 +389,29 @@ def test_streaming_windows_equal_the_whole_file(tmp_path, front_end, model, kind
         assert any("resampled from 44100" in r for r in items[-1]["info"]["repairs"])
 
 
+@pytest.mark.parametrize("hop_s", [0.25, 0.5, 1.5])
+def test_batches_cut_from_blocks_of_any_size_hold_the_signals_windows(tmp_path, front_end, hop_s):
+    """Blocks smaller than a hop, larger than a batch, and every seam between: each
+    batch's segment is exactly the signal's samples of its windows."""
+    ds = RecordingWindows(
+        _write(tmp_path / "a.wav", _noise(1.0)), front_end, hop_s=hop_s, batch_size=3
+    )
+    rng = np.random.default_rng(7)
+    signal = rng.standard_normal((2, int(11.3 * SR))).astype(np.float32)
+    cuts = np.cumsum(rng.integers(1, SR, 40))
+    blocks = [b for b in np.split(signal, cuts[cuts < signal.shape[1]], axis=1) if b.shape[1]]
+    got = list(ds._batches(iter(blocks)))
+    n = 1 + (signal.shape[1] - SR) // ds.hop_samples
+    assert [first for first, *_ in got] == list(range(0, n, 3))
+    assert sum(count for _, _, count, _ in got) == n
+    assert [last for *_, last in got] == [False] * (len(got) - 1) + [True]
+    for first, segment, count, _ in got:
+        begin = first * ds.hop_samples
+        want = signal[:, begin : begin + (count - 1) * ds.hop_samples + SR]
+        assert segment.is_contiguous() and np.array_equal(segment.numpy(), want)
+        assert not np.shares_memory(segment.numpy(), signal)
+
+
 def test_hop_and_window_timing(tmp_path, front_end):
     path = _write(tmp_path / "a.wav", _noise(10.0))
     items = list(RecordingWindows(path, front_end, hop_s=2.0, batch_size=3))
@@ -421,6 +445,81 @@ def test_workers_split_recordings_never_a_recording(tmp_path, front_end):
         f"r{i}.wav": list(range(2 * (4 + i) - 1)) for i in range(3)
     }
     assert sum(it["last"] for it in items) == 3
+
+
+def test_prefetched_windows_are_the_same_items_in_the_same_order(tmp_path, front_end):
+    for i in range(2):
+        _write(tmp_path / f"r{i}.wav", _noise(5.0 + i, seed=i))
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk")
+    plain = list(RecordingWindows(tmp_path, front_end, batch_size=3, block_s=0.7))
+    ahead_items = list(
+        RecordingWindows(tmp_path, front_end, batch_size=3, block_s=0.7, prefetch=True)
+    )
+    assert [(it["recording"], it["index"].tolist(), it["last"]) for it in ahead_items] == [
+        (it["recording"], it["index"].tolist(), it["last"]) for it in plain
+    ]
+    for a, b in zip(ahead_items, plain, strict=True):
+        assert torch.equal(a["x"], b["x"]) and a["info"] == b["info"]
+    assert not any(t.name == "earsleep-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_raises_the_threads_error_and_stops_when_the_consumer_does():
+    def boom():
+        yield 1
+        raise OSError("disk gone")
+
+    got = ahead(boom())
+    assert next(got) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
+    closed = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            closed.append(True)
+
+    for n in ahead(endless()):
+        if n == 5:
+            break  # the consumer stops: the thread must stop and close its source
+    assert closed == [True]
+    assert not any(t.name == "earsleep-prefetch" for t in threading.enumerate())
+
+
+def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(tmp_path, model):
+    import types
+
+    from data.recordings import recordings_loader
+    from util.callbacks.engine import PredictEngine, model_threads
+
+    path = _write(tmp_path / "n.wav", _noise(3.0))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        loaders = {
+            on: recordings_loader(path, LogMelFrontEnd(), prefetch=on) for on in (True, False)
+        }
+        trainer = {on: types.SimpleNamespace(predict_dataloaders=ld) for on, ld in loaders.items()}
+        assert model_threads(trainer[True]) == 1 and model_threads(trainer[False]) == 2
+        torch.set_num_threads(1)
+        assert model_threads(trainer[True]) == 1  # never fewer than one
+        # workers run ahead on their own: no thread in the main process
+        with_workers = recordings_loader(path, LogMelFrontEnd(), num_workers=1, prefetch=True)
+        assert not with_workers.dataset.prefetch
+        torch.set_num_threads(2)
+        engine = PredictEngine("onnxruntime")
+        engine.on_predict_start(trainer[True], model)
+        assert model.predict_runner is not None
+        assert loaders[True].dataset.channels_last is False  # ONNX Runtime takes NCHW
+        assert torch.get_num_threads() == 1  # PyTorch leaves the feature thread its core
+        engine.on_predict_end(trainer[True], model)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 # -- bad input ------------------------------------------------------------------

@@ -18,19 +18,36 @@ from util.night.tinycnn_graphs import supports_tinycnn
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
+def recording_datasets(trainer: pl.Trainer) -> list[RecordingWindows]:
+    """The predict loaders' :class:`data.recordings.RecordingWindows` (empty when a loader
+    is anything else)."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    found = [getattr(loader, "dataset", None) for loader in loaders]
+    if not found or not all(isinstance(d, RecordingWindows) for d in found):
+        return []
+    return found
+
+
+def model_threads(trainer: pl.Trainer) -> int:
+    """Intra-op threads for the model: what ``--threads`` chose
+    (``torch.get_num_threads()``), one fewer (at least one) when the predict data compute
+    their features in a thread of their own (``data.predict_prefetch``)."""
+    threads = torch.get_num_threads()
+    if any(d.prefetch for d in recording_datasets(trainer)):
+        threads = max(1, threads - 1)
+    return threads
+
+
 def window_hop_frames(trainer: pl.Trainer) -> int | None:
     """Front-end frames between the predict windows, when the predict data are long
     recordings (:class:`data.recordings.RecordingWindows`) cut at a whole number of
     frame hops; else ``None``."""
-    loaders = trainer.predict_dataloaders
-    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    datasets = recording_datasets(trainer)
     hops = set()
-    for loader in loaders:
-        data = getattr(loader, "dataset", None)
-        frame = getattr(getattr(data, "front_end", None), "hop_length", None)
-        if not isinstance(data, RecordingWindows) or not frame:
-            return None
-        if data.hop_samples % int(frame):
+    for data in datasets:
+        frame = getattr(data.front_end, "hop_length", None)
+        if not frame or data.hop_samples % int(frame):
             return None
         hops.add(data.hop_samples // int(frame))
     return hops.pop() if len(hops) == 1 else None
@@ -53,8 +70,12 @@ class PredictEngine(Callback):
     as ONNX graphs (milliseconds, where the exporter takes seconds), which over the
     overlapping windows of a night computes what they share once; every other backbone
     is exported whole (:class:`util.deploy.runtime.OnnxRuntimeRunner`). Both give the
-    per-window logits to float rounding. ONNX Runtime runs ``torch.get_num_threads()``
-    intra-op threads: what ``--threads`` chose (:func:`util.cpu.choose_threads`).
+    per-window logits to float rounding. ONNX Runtime runs the intra-op threads
+    ``--threads`` chose (:func:`util.cpu.choose_threads`), one fewer (at least one) when
+    the recordings' features come from a thread of their own (``data.predict_prefetch``,
+    on by default; :func:`model_threads`), and so does PyTorch in the predicting thread
+    until prediction ends. ONNX Runtime takes the features in its own memory order, not
+    channels-last.
 
     Args:
         runtime: ``auto``, ``torch`` or ``onnxruntime``.
@@ -64,11 +85,16 @@ class PredictEngine(Callback):
         if runtime not in RUNTIMES:
             raise ValueError(f"predict_engine.runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.runtime = runtime
+        self._threads_before: int | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, Task):
             return
         pl_module.predict_runner = None
+        threads = model_threads(trainer)
+        if threads != torch.get_num_threads():  # PyTorch's share too, until predict ends
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
         runtime = self.runtime
         on_cpu = pl_module.device.type == "cpu"
         if runtime == "torch" or (runtime == "auto" and not on_cpu):
@@ -78,7 +104,6 @@ class PredictEngine(Callback):
                 f"predict_engine.runtime onnxruntime runs on the CPU but the model is on "
                 f"{pl_module.device}; use --predict_engine.runtime torch (or auto)"
             )
-        threads = torch.get_num_threads()
         try:
             if supports_tinycnn(pl_module) is None:
                 pl_module.predict_runner = SharedWindowRunner(
@@ -98,7 +123,13 @@ class PredictEngine(Callback):
                 f"predict_engine auto: ONNX Runtime cannot run "
                 f"{type(pl_module.backbone).__name__} ({first}); predicting with torch"
             )
+        if pl_module.predict_runner is not None:  # ONNX Runtime copies channels-last back
+            for data in recording_datasets(trainer):
+                data.channels_last = False
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(pl_module, Task):
             pl_module.predict_runner = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
