@@ -16,7 +16,8 @@ the two lengths show whether memory stays flat as the night grows.
 
 Features are computed in a thread of their own, ahead of the model
 (``data.predict_prefetch``, the default; ``--prefetch false`` measures without), and the
-model gets one thread fewer than ``--threads`` chose, at least one. Each night runs for
+TinyCNN's pieces run on ``--workers`` threads side by side (``predict_engine.workers``;
+auto: the ``--threads`` number, else every core), one intra-op thread each. Each night runs for
 every ``--threads`` value (``1`` and ``auto``, earsleep's default:
 :func:`util.cpu.choose_threads`, the cores free now) on an idle machine and with
 ``--load`` busy processes (one spinning Python loop each, started by the benchmark, as
@@ -28,6 +29,7 @@ machine that is already busy (other jobs) shows in the load-average column.
     python benchmarks/night.py --hop_s 0.48          # a hop the pooling strides divide
     python benchmarks/night.py --engine torch --hours 2 --threads 1 --load 0
     python benchmarks/night.py --prefetch false      # one thread reads, computes features, runs the model
+    python benchmarks/night.py --workers 1           # the model's pieces in turn, as before
 
 Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a checkpoint
 trained with ``config/demo.yaml``) to also see sensible events. Targets on a 2-core
@@ -116,6 +118,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     from main import main as cli
+    from util.callbacks import PredictEngine
     from util.cpu import choose_threads
 
     choice = choose_threads(args.threads)  # what the CLI's --threads will choose
@@ -132,6 +135,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--data.num_workers", str(args.num_workers),
         "--data.predict_prefetch", args.prefetch,
         "--predict_engine.runtime", args.engine,
+        "--predict_engine.workers", args.workers,
         "--threads", str(args.threads),
         "--night.output_dir", str(out),
         "--trainer.logger", "false",
@@ -147,8 +151,9 @@ def run_one(args: argparse.Namespace) -> dict:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    cli(command)
+    run = cli(command)
     wall = time.perf_counter() - t0
+    engine = next(c for c in run.trainer.callbacks if isinstance(c, PredictEngine))
     threads = torch.get_num_threads()
     ahead = args.prefetch == "true" and args.num_workers == 0
     summary = json.loads(next(out.glob("*/summary.json")).read_text())
@@ -168,7 +173,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "rss_workers_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if args.num_workers else 0.0,
         "snore_episodes": summary["snore"]["episodes"],
         "threads": threads,
-        "model_threads": max(1, threads - 1) if ahead else threads,  # engine.model_threads
+        "model_threads": engine.ran_with["threads"],
+        "model_workers": engine.ran_with["workers"],
         "feature_thread": ahead,
         "thread_reason": choice.reason,
         "load_start": os.getloadavg()[0],
@@ -220,6 +226,12 @@ def main() -> None:
         default="auto",
         help="the predict engine's runtime (auto: ONNX Runtime on CPU; its set-up is timed)",
     )
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="predict_engine.workers: TinyCNN pieces side by side (auto: the --threads "
+        "number, else every core)",
+    )
     parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
     parser.add_argument("--audio", default=None, help=argparse.SUPPRESS)  # child mode
@@ -263,6 +275,7 @@ def main() -> None:
                         "--seed", str(args.seed),
                         "--engine", args.engine,
                         "--prefetch", args.prefetch,
+                        "--workers", args.workers,
                     ]  # fmt: skip
                     if args.ckpt_path:
                         child += ["--ckpt_path", args.ckpt_path]
@@ -278,12 +291,12 @@ def main() -> None:
     print(
         f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
         f"engine {args.engine}, batch {args.batch_size}, hop {args.hop_s} s, "
-        f"prefetch {args.prefetch}, "
+        f"prefetch {args.prefetch}, model workers {args.workers}, "
         f"workers {args.num_workers}; {cpu_model()}, {available_cores()} cores; "
         f"median of {args.repeats} run(s)"
     )
     print(
-        "| night (h) | windows | busy procs | load avg | --threads | threads | model + feature threads | wall (s) | "
+        "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature thread | wall (s) | "
         "RTF (x real time) | CPU (s) | RSS before (MB) | of which GPU libraries (MB) | "
         "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
@@ -292,7 +305,7 @@ def main() -> None:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
-            f"{r['requested']} | {r['threads']} | {r['model_threads']} + {int(r['feature_thread'])} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
+            f"{r['requested']} | {r['threads']} | {r['model_workers']} × {r['model_threads']} + {int(r['feature_thread'])} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
             f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | "
             f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
             f"{r['rss_workers_mb']:.0f} |"
@@ -300,9 +313,10 @@ def main() -> None:
     print(
         "busy procs: spinning processes the benchmark ran beside the night; load avg: the "
         "1-minute load average as the night ended (other jobs included). threads: what "
-        "--threads chose (util.cpu.choose_threads); model + feature threads: ONNX Runtime's "
-        "intra-op threads and the thread that reads and computes features ahead of it "
-        "(data.predict_prefetch; 0: the same thread does both in turn). CPU (s): user + system time of the "
+        "--threads chose (util.cpu.choose_threads); model workers × threads + feature thread: "
+        "the threads that run the model's pieces side by side (predict_engine.workers), "
+        "ONNX Runtime's intra-op threads in each, and the thread that reads and computes "
+        "features ahead of them (data.predict_prefetch; 0: the same thread does both in turn). CPU (s): user + system time of the "
         "prediction, main process and workers. RSS before: the main process with torch, "
         "Lightning and the project imported, before the CLI starts; GPU libraries: the part "
         "of it that torch's CUDA wheel and Triton load even on a CPU (files and their "

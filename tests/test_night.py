@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from data.audio import resample
 from data.features import LogMelFrontEnd
 from data.recordings import RecordingWindows, ahead
-from data.streaming import BlockResampler, find_recordings, probe
+from data.streaming import BlockResampler, find_recordings, probe, read_blocks
 from models.classifier import Classifier
 from tests.helpers import build_like_cli, load_windows_whole, save_checkpoint
 from util.callbacks.night import NightWriter
@@ -389,6 +389,21 @@ def test_streaming_windows_equal_the_whole_file(tmp_path, front_end, model, kind
         assert any("resampled from 44100" in r for r in items[-1]["info"]["repairs"])
 
 
+@pytest.mark.parametrize(("suffix", "channels"), [(".wav", 2), (".flac", 2), (".wav", 1)])
+def test_16_bit_pcm_blocks_are_soundfiles_floats_bit_for_bit(tmp_path, suffix, channels):
+    # Every 16-bit value, both extremes included, across block seams.
+    values = np.arange(-32768, 32768, dtype=np.int16)
+    ints = np.stack([values, values[::-1]])[:channels].T.copy()
+    path = tmp_path / f"every_value{suffix}"
+    sf.write(path, ints, SR, subtype="PCM_16")
+    info = probe(path)
+    assert info.format.endswith("/PCM_16")
+    got = np.concatenate(list(read_blocks(info, SR, block_s=0.3)), axis=1)
+    want, _ = sf.read(path, dtype="float32", always_2d=True)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want.T)
+
+
 @pytest.mark.parametrize("hop_s", [0.25, 0.5, 1.5])
 def test_batches_cut_from_blocks_of_any_size_hold_the_signals_windows(tmp_path, front_end, hop_s):
     """Blocks smaller than a hop, larger than a batch, and every seam between: each
@@ -490,10 +505,13 @@ def test_prefetch_raises_the_threads_error_and_stops_when_the_consumer_does():
     assert not any(t.name == "earsleep-prefetch" for t in threading.enumerate())
 
 
-def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(tmp_path, model):
+def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(
+    tmp_path, model, monkeypatch
+):
     import types
 
     from data.recordings import recordings_loader
+    from util.callbacks import engine as engine_module
     from util.callbacks.engine import PredictEngine, model_threads
 
     path = _write(tmp_path / "n.wav", _noise(3.0))
@@ -518,6 +536,25 @@ def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(tmp_p
         assert torch.get_num_threads() == 1  # PyTorch leaves the feature thread its core
         engine.on_predict_end(trainer[True], model)
         assert torch.get_num_threads() == 2
+        # The TinyCNN's pieces run side by side: on every core by default, one intra-op
+        # thread each; a --threads number (handed over by the CLI) or workers: N instead.
+        monkeypatch.setattr(engine_module, "available_cores", lambda: 3)
+        for kwargs, requested, want in (({}, None, 3), ({}, 2, 2), ({"workers": 1}, None, 1)):
+            engine = PredictEngine("onnxruntime", **kwargs)
+            engine.threads_requested = requested
+            engine.on_predict_start(trainer[True], model)
+            assert model.predict_runner.workers == want
+            intra_op = 1 if want > 1 else model_threads(trainer[True])
+            assert engine.ran_with == {
+                "runner": "SharedWindowRunner",
+                "threads": intra_op,
+                "workers": want,
+            }
+            engine.on_predict_end(trainer[True], model)
+            assert not any(t.name.startswith("earsleep-model") for t in threading.enumerate())
+        for bad in (0, -1, "many", True):
+            with pytest.raises(ValueError, match="predict_engine.workers"):
+                PredictEngine(workers=bad)
     finally:
         torch.set_num_threads(previous)
 

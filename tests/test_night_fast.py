@@ -86,6 +86,27 @@ def test_shared_windows_give_the_per_window_probabilities(hop_s, depth, modes):
         assert runner.counts["shared"] >= 2
 
 
+def test_workers_run_the_pieces_side_by_side_with_the_same_logits():
+    import threading
+
+    model = _model()
+    x, hop_frames = _windows(0.5, count=37)  # 37: pieces of 8 and a last one of 5
+    alone = SharedWindowRunner(model, hop_frames)
+    together = SharedWindowRunner(model, hop_frames, workers=3)
+    with torch.inference_mode():
+        want = alone(x)
+        got = together(x)
+    assert torch.equal(got, want)  # each piece runs the same single-threaded graph
+    assert any(t.name.startswith("earsleep-model") for t in threading.enumerate())
+    together.close()
+    together.close()  # twice is harmless
+    assert not any(t.name.startswith("earsleep-model") for t in threading.enumerate())
+    with torch.inference_mode():
+        assert torch.equal(together(x), want)  # closed: the pieces run in turn
+    with pytest.raises(ValueError, match="workers"):
+        SharedWindowRunner(model, hop_frames, workers=0)
+
+
 def test_batch_norm_is_folded_exactly():
     model = _model(batch_norm=True)
     x, hop_frames = _windows(0.1, count=20)

@@ -167,11 +167,16 @@ class EarSleepCLI(LightningCLI):
 
         Recordings' outputs reach the user through :class:`util.callbacks.NightWriter`;
         keeping them in memory as well (Lightning's default) grew the process by about
-        300 MB over an 8-hour night. ``--return_predictions true`` still keeps them.
+        300 MB over an 8-hour night. ``--return_predictions true`` still keeps them. A
+        ``--threads`` number is handed to :class:`util.callbacks.PredictEngine` as the
+        workers of its ``workers: auto``.
         """
         recordings = getattr(self.datamodule, "predict_audio", None) is not None
         if recordings and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
+        for callback in self.trainer.callbacks:  # a --threads number caps its workers
+            if isinstance(callback, PredictEngine) and self.threads.requested:
+                callback.threads_requested = self.threads.threads
         self.trainer.predict(**kwargs)
 
     def before_instantiate_classes(self) -> None:

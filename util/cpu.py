@@ -164,10 +164,15 @@ def available_cores() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ThreadChoice:
-    """An intra-op thread count and why it was chosen (for logs and benchmark tables)."""
+    """An intra-op thread count and why it was chosen (for logs and benchmark tables).
+
+    ``requested``: the count was given (``--threads N`` or :data:`THREADS_ENV`), not
+    chosen by ``auto``.
+    """
 
     threads: int
     reason: str
+    requested: bool = False
 
 
 def choose_threads(
@@ -212,7 +217,7 @@ def choose_threads(
     if threads < 1 or (isinstance(requested, float) and requested != threads):
         name = THREADS_ENV if source == THREADS_ENV else "threads"
         raise ValueError(f"{name} must be 'auto' or an integer >= 1, got {requested!r}")
-    return ThreadChoice(threads, f"{threads} thread(s) as {source}")
+    return ThreadChoice(threads, f"{threads} thread(s) as {source}", requested=True)
 
 
 def _auto_threads(cores: int | None, load: float | None, processes: int) -> ThreadChoice:

@@ -28,6 +28,7 @@ they keep the per-window path (:class:`util.deploy.runtime.OnnxRuntimeRunner`).
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -139,7 +140,14 @@ class SharedWindowRunner:
         model: a TinyCNN task (:func:`util.night.tinycnn_graphs.supports_tinycnn`).
         hop_frames: frames between window starts; ``None`` when the batches are not
             windows of one stream (every batch then runs per window).
-        threads: ONNX Runtime intra-op threads.
+        threads: ONNX Runtime intra-op threads of each run.
+        workers: per-window runs at once. A batch's per-window graphs run in pieces of
+            :data:`WINDOWS_PER_RUN` windows, each piece independent of the others, so
+            ``workers`` > 1 runs that many pieces side by side, each on its own thread
+            (ONNX Runtime lets go of the GIL), instead of splitting every convolution
+            over intra-op threads that meet at each operator
+            (:class:`util.callbacks.PredictEngine` says what it gains).
+            Call :meth:`close` when done to stop the threads.
         tolerance: the largest |logit difference| from PyTorch allowed by the check
             at construction (random windows, shared and per-window paths).
         depth: share exactly the first ``depth`` layers where they fit, instead of
@@ -157,6 +165,7 @@ class SharedWindowRunner:
         threads: int = 1,
         tolerance: float = 1e-4,
         depth: int | None = None,
+        workers: int = 1,
     ) -> None:
         reason = supports_tinycnn(model)
         if reason is not None:
@@ -185,6 +194,13 @@ class SharedWindowRunner:
             )
         self._graphs = graphs
         self._threads = int(threads)
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        #: Per-window pieces run at once (``workers``).
+        self.workers = int(workers)
+        self._pool = None
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="earsleep-model")
         self._sessions: dict = {}
         self.num_outputs = int(head_w.shape[0])
         #: Batches run shared and per window since construction (the check's excluded).
@@ -198,12 +214,22 @@ class SharedWindowRunner:
         run = self._sessions[key].run
         if key[0] != "tail" or len(x) <= WINDOWS_PER_RUN:
             return run(None, {"x": np.ascontiguousarray(x, np.float32)})
-        # Per-window graphs in pieces (see WINDOWS_PER_RUN): the same logits, a small arena.
-        pieces = [
-            run(None, {"x": np.ascontiguousarray(x[i : i + WINDOWS_PER_RUN], np.float32)})[0]
-            for i in range(0, len(x), WINDOWS_PER_RUN)
-        ]
-        return [np.concatenate(pieces)]
+
+        # Per-window graphs in pieces (see WINDOWS_PER_RUN): the same logits, a small
+        # arena; side by side on the workers' threads where there are several.
+        def piece(i: int) -> np.ndarray:
+            chunk = np.ascontiguousarray(x[i : i + WINDOWS_PER_RUN], np.float32)
+            return run(None, {"x": chunk})[0]
+
+        starts = range(0, len(x), WINDOWS_PER_RUN)
+        pieces = self._pool.map(piece, starts) if self._pool else map(piece, starts)
+        return [np.concatenate(list(pieces))]
+
+    def close(self) -> None:
+        """Stop the workers' threads (a later call runs its pieces in turn)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def plan(self, width: int, left: int, right: int) -> list[LayerStep]:
         """The layer steps for windows of ``width`` frames with ``left``/``right`` own
