@@ -4,11 +4,9 @@ The CLI itself is :mod:`util.cli`; ``main(args)`` runs it in-process, ``cli(args
 one-line errors. ``python main.py fit --help`` documents every option.
 """
 
-import sys
-
-from util.cli import cli, main
+from util.cli import cli, exit_quickly, main
 
 __all__ = ["cli", "main"]
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_quickly(cli())

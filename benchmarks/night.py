@@ -72,6 +72,20 @@ def _rss_now_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024.0
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """``(all, stolen)`` clock ticks of every CPU since boot (``/proc/stat``); zeros elsewhere.
+
+    Steal is the time a virtual machine's CPUs were ready but the hypervisor ran someone
+    else: on a shared cloud host it slows a night without showing in the load average.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0, 0
+    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), (ticks[7] if len(ticks) > 7 else 0)
+
+
 def _gpu_library_rss_mb() -> float:
     """Resident MB of the GPU libraries torch's wheel loads even on a CPU (Linux smaps).
 
@@ -124,7 +138,7 @@ def run_one(args: argparse.Namespace) -> dict:
     choice = choose_threads(args.threads)  # what the CLI's --threads will choose
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.ckpt_path or str(untrained_checkpoint(out / "untrained.ckpt", args.seed))
+    ckpt = args.ckpt_path  # the parent writes the untrained one: not in this process
     command = [
         "predict",
         "--config", str(ROOT / "config" / "demo.yaml"),
@@ -151,7 +165,9 @@ def run_one(args: argparse.Namespace) -> dict:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    ticks0 = _cpu_ticks()
     run = cli(command)
+    ticks1 = _cpu_ticks()
     wall = time.perf_counter() - t0
     engine = next(c for c in run.trainer.callbacks if isinstance(c, PredictEngine))
     threads = torch.get_num_threads()
@@ -178,6 +194,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "feature_thread": ahead,
         "thread_reason": choice.reason,
         "load_start": os.getloadavg()[0],
+        "steal_pct": 100.0 * (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0]),
     }
 
 
@@ -252,6 +269,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="night-bench-") if args.workdir is None else None
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = args.ckpt_path or str(untrained_checkpoint(workdir / "untrained.ckpt", args.seed))
     rows = []
     for hours in args.hours:
         audio = workdir / f"night_{hours:g}h.wav"
@@ -276,9 +294,8 @@ def main() -> None:
                         "--engine", args.engine,
                         "--prefetch", args.prefetch,
                         "--workers", args.workers,
+                        "--ckpt_path", ckpt,
                     ]  # fmt: skip
-                    if args.ckpt_path:
-                        child += ["--ckpt_path", args.ckpt_path]
                     with busy_processes(load):
                         res = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
                     if res.returncode:
@@ -297,16 +314,17 @@ def main() -> None:
     )
     print(
         "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature thread | wall (s) | "
-        "RTF (x real time) | CPU (s) | RSS before (MB) | of which GPU libraries (MB) | "
+        "RTF (x real time) | CPU (s) | CPU stolen (%) | RSS before (MB) | of which GPU libraries (MB) | "
         "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
-    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
             f"{r['requested']} | {r['threads']} | {r['model_workers']} × {r['model_threads']} + {int(r['feature_thread'])} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
-            f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r['rss_baseline_mb']:.0f} | "
+            f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r.get('steal_pct', float('nan')):.0f} | "
+            f"{r['rss_baseline_mb']:.0f} | "
             f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
             f"{r['rss_workers_mb']:.0f} |"
         )
@@ -317,7 +335,8 @@ def main() -> None:
         "the threads that run the model's pieces side by side (predict_engine.workers), "
         "ONNX Runtime's intra-op threads in each, and the thread that reads and computes "
         "features ahead of them (data.predict_prefetch; 0: the same thread does both in turn). CPU (s): user + system time of the "
-        "prediction, main process and workers. RSS before: the main process with torch, "
+        "prediction, main process and workers. CPU stolen: the share of all CPUs' time during the "
+        "night that the hypervisor gave to other machines (/proc/stat steal; 0 on bare metal). RSS before: the main process with torch, "
         "Lightning and the project imported, before the CLI starts; GPU libraries: the part "
         "of it that torch's CUDA wheel and Triton load even on a CPU (files and their "
         "zero-initialised data); night's own: peak minus RSS before."

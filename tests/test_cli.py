@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,54 @@ def test_ddp_fit_on_two_cpu_processes_writes_artifacts_once(tmp_path):
     assert (runs[0] / "metrics.json").is_file()
     board = list(csv.DictReader((tmp_path / "leaderboard.csv").read_text().splitlines()))
     assert len(board) == 1
+
+
+EXIT_QUICKLY = """
+import atexit, concurrent.futures, pathlib, sys, threading, time
+from util.cli import exit_quickly
+out = pathlib.Path(sys.argv[1])
+atexit.register(lambda: (out / "handler").write_text("ran"))
+def late():  # a non-daemon thread still writing when the command ends
+    time.sleep(0.5)
+    (out / "thread").write_text("done")
+threading.Thread(target=late).start()
+pool = concurrent.futures.ThreadPoolExecutor(2)  # left open: must not hang the exit
+pool.submit(time.sleep, 0.1)
+print("buffered, no newline", end="")
+exit_quickly(3)
+"""
+
+
+@pytest.mark.parametrize("full", ["0", "1"])
+def test_a_quick_exit_still_joins_threads_runs_handlers_and_flushes(tmp_path, full):
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_QUICKLY, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EARSLEEP_FULL_EXIT": full},
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "buffered, no newline"  # a pipe: block-buffered until flushed
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "handler").read_text() == "ran"
+
+
+def test_fit_through_the_real_entry_point_leaves_complete_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = subprocess.run(
+        [sys.executable, "main.py", "fit", *tiny_args(tmp_path, "--trainer.max_epochs", "1")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "log").glob("demo/version_*")
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "val/f1_macro" in events.Tags()["scalars"]  # the writer flushed before the exit
+    assert json.loads((run / "metrics.json").read_text())["complexity"]["params"] > 0
+    assert len(list(csv.DictReader((tmp_path / "leaderboard.csv").open()))) == 1

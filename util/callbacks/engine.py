@@ -85,8 +85,8 @@ class PredictEngine(Callback):
     core the process may use (:func:`util.cpu.available_cores`), or the ``--threads``
     number when one is given, and the scheduler shares the cores between them, the
     feature thread and whatever else runs. An 8-h night on two Zen 3 cores: 26.2 s idle
-    and 46.4 s beside two busy processes with one worker, 22.6 s and 39.3 s with two
-    (``benchmarks/night.py``).
+    and 46.4 s beside two busy processes with one worker, 22.6 s and 39.3 s with two; on
+    two Zen 4 cores the difference was within the run-to-run noise (``benchmarks/night.py``).
 
     Args:
         runtime: ``auto``, ``torch`` or ``onnxruntime``.
