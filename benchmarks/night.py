@@ -72,18 +72,13 @@ def _rss_now_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024.0
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """``(all, stolen)`` clock ticks of every CPU since boot (``/proc/stat``); zeros elsewhere.
-
-    Steal is the time a virtual machine's CPUs were ready but the hypervisor ran someone
-    else: on a shared cloud host it slows a night without showing in the load average.
-    """
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0, 0
-    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return sum(ticks), (ticks[7] if len(ticks) > 7 else 0)
+def _steal_pct(before: dict[str, int] | None, after: dict[str, int] | None) -> float:
+    """Percent of the cores' time between two :func:`util.cpu.cpu_ticks` the hypervisor
+    gave to other machines (steal: it slows a night without showing in the load average)."""
+    if before is None or after is None:
+        return float("nan")
+    total = sum(after.values()) - sum(before.values())
+    return 100.0 * (after["steal"] - before["steal"]) / max(1, total)
 
 
 def _gpu_library_rss_mb() -> float:
@@ -133,16 +128,15 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from main import main as cli
     from util.callbacks import PredictEngine
-    from util.cpu import choose_threads
+    from util.cpu import choose_threads, cpu_ticks
 
     choice = choose_threads(args.threads)  # what the CLI's --threads will choose
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.ckpt_path  # the parent writes the untrained one: not in this process
     command = [
         "predict",
         "--config", str(ROOT / "config" / "demo.yaml"),
-        "--ckpt_path", ckpt,
+        "--ckpt_path", args.ckpt_path,  # the parent writes the untrained one
         "--data.predict_audio", args.audio,
         "--data.batch_size", str(args.batch_size),
         "--data.predict_hop_s", str(args.hop_s),
@@ -165,9 +159,9 @@ def run_one(args: argparse.Namespace) -> dict:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     cpu0 = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    ticks0 = _cpu_ticks()
+    ticks0 = cpu_ticks()
     run = cli(command)
-    ticks1 = _cpu_ticks()
+    ticks1 = cpu_ticks()
     wall = time.perf_counter() - t0
     engine = next(c for c in run.trainer.callbacks if isinstance(c, PredictEngine))
     threads = torch.get_num_threads()
@@ -194,7 +188,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "feature_thread": ahead,
         "thread_reason": choice.reason,
         "load_start": os.getloadavg()[0],
-        "steal_pct": 100.0 * (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0]),
+        "steal_pct": _steal_pct(ticks0, ticks1),
     }
 
 

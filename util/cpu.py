@@ -129,28 +129,44 @@ def _allowed_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def _busy_jiffies(cpus: set[int]) -> tuple[int, int] | None:
-    """``(busy, total)`` clock ticks of ``cpus`` since boot (``/proc/stat``), or ``None``.
+#: The fields of a ``/proc/stat`` CPU line that :func:`cpu_ticks` sums, in order.
+TICK_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
-    Busy is everything but ``idle`` and ``iowait``; ``guest`` time is already in ``user``.
+
+def cpu_ticks(cpus: set[int] | None = None) -> dict[str, int] | None:
+    """Clock ticks since boot of ``cpus`` (default: the cores this process may use), summed
+    per field of ``/proc/stat`` (:data:`TICK_FIELDS`); ``None`` where it cannot be read.
+
+    ``steal`` is the time a virtual machine's CPUs were ready while the hypervisor ran
+    another machine; ``guest`` time is already in ``user``.
     """
+    cpus = _allowed_cpus() if cpus is None else cpus
     try:
         lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
-    busy = total = 0
+    sums = [0] * len(TICK_FIELDS)
     seen = 0
     for line in lines:
         name, _, rest = line.partition(" ")
         if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
             continue
-        ticks = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
-        if len(ticks) < 8:
+        ticks = [int(v) for v in rest.split()[: len(TICK_FIELDS)]]
+        if len(ticks) < len(TICK_FIELDS):
             return None
-        total += sum(ticks)
-        busy += sum(ticks) - ticks[3] - ticks[4]
+        sums = [a + b for a, b in zip(sums, ticks, strict=True)]
         seen += 1
-    return (busy, total) if seen else None
+    return dict(zip(TICK_FIELDS, sums, strict=True)) if seen else None
+
+
+def _busy_jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """``(busy, total)`` clock ticks of ``cpus`` since boot, or ``None``: busy is
+    everything but ``idle`` and ``iowait``."""
+    ticks = cpu_ticks(cpus)
+    if ticks is None:
+        return None
+    total = sum(ticks.values())
+    return total - ticks["idle"] - ticks["iowait"], total
 
 
 def available_cores() -> int:

@@ -54,6 +54,11 @@ def window_hop_frames(trainer: pl.Trainer) -> int | None:
     return hops.pop() if len(hops) == 1 else None
 
 
+def _per_worker(threads: int, workers: int) -> int:
+    """Intra-op threads of each of ``workers`` runs: all ``threads`` for one, else one."""
+    return threads if workers == 1 else 1
+
+
 class PredictEngine(Callback):
     """Run ``predict`` on ONNX Runtime or PyTorch (``--predict_engine.runtime``).
 
@@ -129,6 +134,7 @@ class PredictEngine(Callback):
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         runtime = self.runtime
+        self.ran_with = {"runner": "torch", "threads": threads, "workers": 1}
         on_cpu = pl_module.device.type == "cpu"
         if runtime == "torch" or (runtime == "auto" and not on_cpu):
             return
@@ -143,7 +149,7 @@ class PredictEngine(Callback):
                 pl_module.predict_runner = SharedWindowRunner(
                     pl_module,
                     window_hop_frames(trainer),
-                    threads=threads if workers == 1 else 1,
+                    threads=_per_worker(threads, workers),
                     workers=workers,
                 )
             else:  # the exporter's stack (torch.onnx, onnxscript) only where it is used
@@ -161,12 +167,13 @@ class PredictEngine(Callback):
                 f"{type(pl_module.backbone).__name__} ({first}); predicting with torch"
             )
         runner = pl_module.predict_runner
-        self.ran_with = {
-            "runner": type(runner).__name__ if runner is not None else "torch",
-            "threads": threads if getattr(runner, "workers", 1) == 1 else 1,
-            "workers": getattr(runner, "workers", 1),
-        }
         if runner is not None:  # ONNX Runtime copies channels-last back
+            workers = getattr(runner, "workers", 1)
+            self.ran_with = {
+                "runner": type(runner).__name__,
+                "threads": _per_worker(threads, workers),
+                "workers": workers,
+            }
             for data in recording_datasets(trainer):
                 data.channels_last = False
 
