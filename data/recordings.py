@@ -6,9 +6,10 @@ windows into features with the very front end the model was trained with;
 :func:`recordings_loader` is the DataLoader ``predict`` uses over ``predict_audio``.
 A recording that cannot be used (unreadable, zero-length, truncated, cut by a read
 error, shorter than one window) is one batch with ``error``/``status`` set
-(:data:`STATUSES`), so the other recordings go on. With ``prefetch`` the reading and the
-features run in one background thread, a batch or two ahead of the model
-(:func:`ahead`), which is how a night uses two cores without the two waiting on each other.
+(:data:`STATUSES`), so the other recordings go on. With ``prefetch`` the reading runs in
+a background thread and the features on ``feature_threads`` more, a batch or two ahead of
+the model (:func:`ahead`), which is how a night keeps every core busy without features
+and model waiting on each other.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.malloc import keep_heap_flat
+from data.malloc import keep_heap_flat, share_one_arena
 from data.streaming import (
     DEFAULT_BLOCK_S,
     ExtraChannels,
@@ -53,17 +55,37 @@ PREFETCH_DEPTH = 2
 T = TypeVar("T")
 
 
-def ahead(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
-    """The items of ``items``, in order, produced by one background thread up to
-    ``depth`` ahead of the consumer.
+def ahead(
+    jobs: Iterator[Any],
+    make: Callable[[Any], T] | None = None,
+    threads: int = 1,
+    depth: int = PREFETCH_DEPTH,
+) -> Iterator[T]:
+    """``make(job)`` for each of ``jobs`` (the jobs themselves without ``make``), in order,
+    computed in the background up to ``depth`` items ahead of the consumer.
 
-    The thread runs PyTorch with one intra-op thread (per thread under PyTorch's OpenMP
-    backend, so the caller's setting stands). An exception in it is raised here, at the
-    item where it happened; closing this generator early (``break``) stops the thread
-    and closes ``items`` before returning, so nothing keeps running.
+    One thread walks ``jobs`` (for a recording: reading and cutting, which keep state);
+    ``make`` runs on ``threads`` threads, each job on one of them, so that several items
+    are made at once and handed over in the jobs' order. Every thread runs PyTorch with
+    one intra-op thread (per thread under PyTorch's OpenMP backend, so the caller's
+    setting stands). An exception in either is raised here, at the item where it
+    happened; closing this generator early (``break``) stops the threads and closes
+    ``jobs`` before returning, so nothing keeps running.
     """
-    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    threads = max(1, int(threads))
+    # Items in flight: depth handed over or ready, plus one per further thread at work.
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth) + threads - 1)
     stop = threading.Event()
+    pool = (
+        None
+        if make is None
+        else ThreadPoolExecutor(
+            threads,
+            thread_name_prefix="earsleep-features",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+    )
 
     def hand_over(entry: tuple[str, Any]) -> bool:
         while not stop.is_set():
@@ -77,19 +99,20 @@ def ahead(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
     def produce() -> None:
         torch.set_num_threads(1)
         try:
-            for item in items:
-                if not hand_over(("item", item)):
+            for job in jobs:
+                entry = ("item", job) if pool is None else ("future", pool.submit(make, job))
+                if not hand_over(entry):
                     return
             hand_over(("done", None))
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             hand_over(("error", err))
         finally:
-            close = getattr(items, "close", None)
+            close = getattr(jobs, "close", None)
             if callable(close):
                 close()
 
-    worker = threading.Thread(target=produce, name="earsleep-prefetch", daemon=True)
-    worker.start()
+    walker = threading.Thread(target=produce, name="earsleep-prefetch", daemon=True)
+    walker.start()
     try:
         while True:
             kind, value = slots.get()
@@ -97,10 +120,12 @@ def ahead(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
                 return
             if kind == "error":
                 raise value
-            yield value
+            yield value.result() if kind == "future" else value
     finally:
         stop.set()
-        worker.join()
+        walker.join()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def window_count(samples: int, clip_samples: int, hop_samples: int) -> int:
@@ -139,10 +164,14 @@ class RecordingWindows(IterableDataset):
             CPU convolutions in PyTorch run about twice as fast on it; ONNX Runtime
             takes the default order, and :class:`util.callbacks.PredictEngine` turns
             this off when it runs the model there).
-        prefetch: read and compute the features in one background thread, up to
-            :data:`PREFETCH_DEPTH` batches ahead of the model (:func:`ahead`; the same
-            items in the same order). Applies in the main process only: DataLoader
-            workers already run ahead of it.
+        prefetch: read the recordings in a background thread and compute the features
+            on ``feature_threads`` more, up to :data:`PREFETCH_DEPTH` batches ahead of the
+            model (:func:`ahead`; the same items in the same order). Applies in the main
+            process only: DataLoader workers already run ahead of it.
+        feature_threads: threads that compute batches' features at once with
+            ``prefetch`` (each batch on one thread, one PyTorch intra-op thread each).
+            :class:`util.callbacks.PredictEngine` sets it for a predict (its
+            ``feature_threads``).
     """
 
     def __init__(
@@ -155,6 +184,7 @@ class RecordingWindows(IterableDataset):
         block_s: float = DEFAULT_BLOCK_S,
         channels_last: bool = True,
         prefetch: bool = False,
+        feature_threads: int = 1,
     ) -> None:
         super().__init__()
         if hop_s <= 0 or batch_size < 1:
@@ -163,6 +193,10 @@ class RecordingWindows(IterableDataset):
             raise ValueError(
                 f"extra_channels must be 'error' or 'first_two', got {extra_channels!r}"
             )
+        if isinstance(feature_threads, bool) or not isinstance(feature_threads, int):
+            raise ValueError(f"feature_threads must be a number, got {feature_threads!r}")
+        if feature_threads < 1:
+            raise ValueError(f"feature_threads must be at least 1, got {feature_threads}")
         self.paths = find_recordings(recordings)
         self.front_end = front_end.eval()
         self.sample_rate = int(front_end.sample_rate)
@@ -173,6 +207,7 @@ class RecordingWindows(IterableDataset):
         self.block_s = float(block_s)
         self.channels_last = channels_last
         self.prefetch = bool(prefetch)
+        self.feature_threads = feature_threads
         self.in_channels = 1 if front_end.out_channels == 1 else 2
         config = getattr(front_end, "config", None)
         self.feature_config: dict[str, Any] = config() if callable(config) else {}
@@ -224,17 +259,19 @@ class RecordingWindows(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         keep_heap_flat()  # in the process that computes the features (main or worker)
-        items = self._items()
+        share_one_arena()  # its feature threads: 40 MB less peak RSS than an arena each
+        batches = (b for path in self.my_paths() for b in self._recording_batches(path))
         if self.prefetch and get_worker_info() is None:
-            items = ahead(items)
-        yield from items
-
-    def _items(self) -> Iterator[dict[str, Any]]:
-        for path in self.my_paths():
-            yield from self.iter_recording(path)
+            yield from ahead(batches, self._item, threads=self.feature_threads)
+        else:
+            yield from map(self._item, batches)
 
     def iter_recording(self, path: str | Path) -> Iterator[dict[str, Any]]:
         """Items of one recording: its batches of windows, the last one flagged."""
+        return map(self._item, self._recording_batches(path))
+
+    def _recording_batches(self, path: str | Path) -> Iterator[_Batch]:
+        """One recording's batches of samples, before features: read and cut in order."""
         path = Path(path)
         meta: dict[str, Any] = {
             "sample_rate": self.sample_rate,
@@ -270,7 +307,7 @@ class RecordingWindows(IterableDataset):
                 if last:  # the stream has ended: state is final
                     final = (first, segment, count)
                 else:
-                    yield self._item(path, meta, first, segment, count, last=False)
+                    yield _Batch(path, dict(meta), first, segment, count, last=False)
                 n_windows += count
         except RecordingError as err:
             state.error = str(err)
@@ -292,9 +329,7 @@ class RecordingWindows(IterableDataset):
         )
         if final is None:
             final = (n_windows, torch.zeros(self.in_channels, 0), 0)
-        item = self._item(path, meta, *final, last=True)
-        item["n_windows"] = n_windows
-        yield item
+        yield _Batch(path, meta, *final, last=True, n_windows=n_windows)
 
     def _batches(
         self, blocks: Iterator[np.ndarray]
@@ -347,15 +382,9 @@ class RecordingWindows(IterableDataset):
         waves = segment.unfold(1, self.clip_samples, self.hop_samples).transpose(0, 1)
         return self.front_end(waves[:count])
 
-    def _item(
-        self,
-        path: Path,
-        meta: dict[str, Any],
-        first: int,
-        segment: torch.Tensor,
-        count: int,
-        last: bool,
-    ) -> dict[str, Any]:
+    def _item(self, batch: _Batch) -> dict[str, Any]:
+        """The item of one batch: its windows' features (the costly part) and labels."""
+        path, meta, first, segment, count, last = batch[:6]
         n = count
         with torch.inference_mode():
             if n:
@@ -372,6 +401,7 @@ class RecordingWindows(IterableDataset):
             "start_s": index.double() * self.hop_s,
             "last": last,
             "info": dict(meta),
+            **({} if batch.n_windows is None else {"n_windows": batch.n_windows}),
         }
 
     def _feature_shape(self) -> tuple[int, ...]:
@@ -382,6 +412,19 @@ class RecordingWindows(IterableDataset):
                     self.front_end(torch.zeros(1, self.in_channels, self.clip_samples)).shape[1:]
                 )
         return tuple(shape)
+
+
+class _Batch(NamedTuple):
+    """One batch of a recording before its features: what :meth:`RecordingWindows._item`
+    turns into an item (``meta`` as it stood when the batch was cut)."""
+
+    path: Path
+    meta: dict[str, Any]
+    first: int  # index of the first window
+    segment: torch.Tensor  # (C, samples): the windows back to back
+    count: int  # windows
+    last: bool
+    n_windows: int | None = None  # the recording's windows, on its last batch
 
 
 def _span(blocks: list[np.ndarray], offset: int, length: int) -> torch.Tensor:

@@ -210,3 +210,48 @@ def test_stays_float32_under_autocast() -> None:
         y = fe(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, fe(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"preset": "native"}, {"preset": "reference"}, {"n_mels": 40, "n_fft": 1024, "f_min": 0.0}],
+)
+def test_the_banded_filter_bank_product_equals_the_whole_matmul(kwargs: dict) -> None:
+    """The groups of bands skip only weights that are zero for the whole group."""
+    from data.features import band_groups
+
+    fe = LogMelFrontEnd(**kwargs)
+    fb = fe.mel.mel_scale.fb
+    groups = band_groups(fb)
+    assert [j0 for j0, *_ in groups] == list(range(0, fe.n_mels, 16))  # every band, in order
+    covered = torch.zeros_like(fb, dtype=torch.bool)
+    for j0, j1, lo, hi in groups:
+        covered[lo:hi, j0:j1] = True
+    assert not (fb[~covered] != 0).any()  # nothing non-zero left out
+    assert covered.sum() < 0.5 * fb.numel()  # and most of the bank is
+    power = torch.rand(300, fb.shape[0], dtype=torch.float64) ** 4  # decades apart
+    whole = power @ fb.double()
+    banded = torch.zeros_like(whole)
+    for j0, j1, lo, hi in groups:
+        banded[:, j0:j1] = power[:, lo:hi] @ fb[lo:hi, j0:j1].double()
+    torch.testing.assert_close(banded, whole, rtol=1e-12, atol=0)
+
+
+def test_a_band_without_bins_stays_zero_and_a_loaded_bank_is_used() -> None:
+    from data.features import band_groups
+
+    fb = torch.zeros(20, 40)
+    fb[3:6, 0] = 1.0
+    fb[10:12, 39] = 2.0
+    assert band_groups(fb) == [(0, 16, 3, 6), (32, 40, 10, 12)]  # bands 16-31 have no bin
+    fe = LogMelFrontEnd("native")
+    x = _noise(2, 2, fe.clip_samples)
+    before = fe(x)
+    state = fe.state_dict()
+    state["mel.mel_scale.fb"] = state["mel.mel_scale.fb"] * 2.0
+    state["mel.mel_scale.fb"][:, 5] = 0.0  # one band emptied
+    fe.load_state_dict(state)
+    after = fe(x)
+    torch.testing.assert_close(after, torch.log(fe.mel(fe.adapt(x)) + fe.eps), rtol=1e-4, atol=1e-4)
+    assert (after[:, :, 5] == torch.log(torch.tensor(fe.eps))).all()
+    assert not torch.allclose(after, before, atol=1e-2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
@@ -467,14 +468,22 @@ def test_prefetched_windows_are_the_same_items_in_the_same_order(tmp_path, front
         _write(tmp_path / f"r{i}.wav", _noise(5.0 + i, seed=i))
     (tmp_path / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk")
     plain = list(RecordingWindows(tmp_path, front_end, batch_size=3, block_s=0.7))
-    ahead_items = list(
-        RecordingWindows(tmp_path, front_end, batch_size=3, block_s=0.7, prefetch=True)
-    )
-    assert [(it["recording"], it["index"].tolist(), it["last"]) for it in ahead_items] == [
-        (it["recording"], it["index"].tolist(), it["last"]) for it in plain
-    ]
-    for a, b in zip(ahead_items, plain, strict=True):
-        assert torch.equal(a["x"], b["x"]) and a["info"] == b["info"]
+    for threads in (1, 3):
+        ahead_items = list(
+            RecordingWindows(
+                tmp_path, front_end, batch_size=3, block_s=0.7, prefetch=True,
+                feature_threads=threads,
+            )
+        )  # fmt: skip
+        assert [(it["recording"], it["index"].tolist(), it["last"]) for it in ahead_items] == [
+            (it["recording"], it["index"].tolist(), it["last"]) for it in plain
+        ]
+        for a, b in zip(ahead_items, plain, strict=True):
+            assert torch.equal(a["x"], b["x"]) and a["info"] == b["info"]
+            assert a.get("n_windows") == b.get("n_windows")
+    for bad in (0, "2", True):
+        with pytest.raises(ValueError, match="feature_threads"):
+            RecordingWindows(tmp_path, front_end, feature_threads=bad)
     assert not any(t.name == "earsleep-prefetch" for t in threading.enumerate())
 
 
@@ -503,6 +512,43 @@ def test_prefetch_raises_the_threads_error_and_stops_when_the_consumer_does():
             break  # the consumer stops: the thread must stop and close its source
     assert closed == [True]
     assert not any(t.name == "earsleep-prefetch" for t in threading.enumerate())
+
+
+def test_items_made_on_several_threads_come_in_order_and_errors_where_they_happened():
+    import random
+    import time
+
+    made_on = set()
+
+    def make(n):
+        time.sleep(random.random() * 0.01)  # finish out of order
+        made_on.add(threading.current_thread().name)
+        if n == 7:
+            raise ValueError("bad batch 7")
+        return n * n
+
+    got = ahead(iter(range(7)), make, threads=3)
+    assert list(got) == [n * n for n in range(7)]
+    assert all(name.startswith("earsleep-features") for name in made_on) and len(made_on) > 1
+    got = ahead(iter(range(20)), make, threads=3)
+    assert [next(got) for _ in range(7)] == [n * n for n in range(7)]
+    with pytest.raises(ValueError, match="bad batch 7"):
+        next(got)
+    got.close()
+    closed = []
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    for n in ahead(endless(), make, threads=2):
+        if n == 16:
+            break
+    assert closed == [True]
+    time.sleep(0.05)
+    assert not any(t.name.startswith("earsleep-") for t in threading.enumerate())
 
 
 def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(
@@ -539,22 +585,35 @@ def test_the_engine_gives_the_model_a_thread_fewer_when_features_run_ahead(
         # The TinyCNN's pieces run side by side: on every core by default, one intra-op
         # thread each; a --threads number (handed over by the CLI) or workers: N instead.
         monkeypatch.setattr(engine_module, "available_cores", lambda: 3)
-        for kwargs, requested, want in (({}, None, 3), ({}, 2, 2), ({"workers": 1}, None, 1)):
+        # So are the features, each batch on one of feature_threads (same auto rule).
+        for kwargs, requested, want, features in (
+            ({}, None, 3, 3),
+            ({}, 2, 2, 2),
+            ({"workers": 1}, None, 1, 3),
+            ({"feature_threads": 1}, None, 3, 1),
+        ):
             engine = PredictEngine("onnxruntime", **kwargs)
             engine.threads_requested = requested
             engine.on_predict_start(trainer[True], model)
             assert model.predict_runner.workers == want
+            assert loaders[True].dataset.feature_threads == features
             intra_op = 1 if want > 1 else model_threads(trainer[True])
             assert engine.ran_with == {
                 "runner": "SharedWindowRunner",
                 "threads": intra_op,
                 "workers": want,
+                "feature_threads": features,
             }
             engine.on_predict_end(trainer[True], model)
             assert not any(t.name.startswith("earsleep-model") for t in threading.enumerate())
-        for bad in (0, -1, "many", True):
-            with pytest.raises(ValueError, match="predict_engine.workers"):
-                PredictEngine(workers=bad)
+        engine = PredictEngine("onnxruntime")
+        engine.on_predict_start(trainer[False], model)  # nothing runs ahead without prefetch
+        assert engine.ran_with["feature_threads"] == 0
+        engine.on_predict_end(trainer[False], model)
+        for name in ("workers", "feature_threads"):
+            for bad in (0, -1, "many", True):
+                with pytest.raises(ValueError, match=f"predict_engine.{name}"):
+                    PredictEngine(**{name: bad})
     finally:
         torch.set_num_threads(previous)
 

@@ -93,37 +93,56 @@ class PredictEngine(Callback):
     and 46.4 s beside two busy processes with one worker, 22.6 s and 39.3 s with two; on
     two Zen 4 cores the difference was within the run-to-run noise (``benchmarks/night.py``).
 
+    The recordings' features (``data.predict_prefetch``) are computed on
+    ``feature_threads`` threads, each batch on one, handed to the model in order
+    (:func:`data.recordings.ahead`), by the same ``auto`` rule. With one feature thread
+    the features were the night's critical path: beside two model workers on two cores
+    it got about two thirds of a core, so the model waited for it 3-11 s of an 8-h night;
+    with two, 0.1-0.5 s (``benchmarks/night.py``).
+
     Args:
         runtime: ``auto``, ``torch`` or ``onnxruntime``.
         workers: threads that run the TinyCNN's per-window pieces side by side: ``auto``
             (the ``--threads`` number, else every available core) or a number; 1 runs
             them in turn on ``--threads`` intra-op threads, as the other backbones run.
+        feature_threads: threads that compute the recordings' features ahead of the
+            model, with ``data.predict_prefetch``: ``auto`` (the ``--threads`` number,
+            else every available core) or a number.
     """
 
     def __init__(
         self,
         runtime: Literal["auto", "torch", "onnxruntime"] = "auto",
         workers: int | Literal["auto"] = "auto",
+        feature_threads: int | Literal["auto"] = "auto",
     ) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"predict_engine.runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int)):
-            raise ValueError(f"predict_engine.workers must be 'auto' or a number, got {workers!r}")
-        if workers != "auto" and workers < 1:
-            raise ValueError(f"predict_engine.workers must be at least 1, got {workers}")
+        for name, value in (("workers", workers), ("feature_threads", feature_threads)):
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"predict_engine.{name} must be 'auto' or a number, got {value!r}")
+            if value != "auto" and value < 1:
+                raise ValueError(f"predict_engine.{name} must be at least 1, got {value}")
         self.runtime = runtime
         self.workers = workers
-        #: ``--threads`` when given as a number (set by the CLI): ``workers: auto`` takes it.
+        self.feature_threads = feature_threads
+        #: ``--threads`` when given as a number (set by the CLI): ``auto`` takes it.
         self.threads_requested: int | None = None
         self._threads_before: int | None = None
-        #: What the last predict ran: the runner's class, intra-op threads and workers.
+        #: What the last predict ran: the runner's class, intra-op threads, workers and
+        #: feature threads (0: no features ahead of the model).
         self.ran_with: dict[str, object] = {}
+
+    def _count(self, value: int | str) -> int:
+        """A thread count: the number, or for ``auto`` the ``--threads`` number, else
+        every available core."""
+        if value != "auto":
+            return int(value)
+        return self.threads_requested or available_cores()
 
     def model_workers(self) -> int:
         """The TinyCNN runner's workers (see ``workers``)."""
-        if self.workers != "auto":
-            return int(self.workers)
-        return self.threads_requested or available_cores()
+        return self._count(self.workers)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, Task):
@@ -134,7 +153,13 @@ class PredictEngine(Callback):
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         runtime = self.runtime
+        datasets = recording_datasets(trainer)
+        features = self._count(self.feature_threads)
+        for data in datasets:
+            data.feature_threads = features
+        ahead = features if any(d.prefetch for d in datasets) else 0
         self.ran_with = {"runner": "torch", "threads": threads, "workers": 1}
+        self.ran_with["feature_threads"] = ahead
         on_cpu = pl_module.device.type == "cpu"
         if runtime == "torch" or (runtime == "auto" and not on_cpu):
             return
@@ -173,8 +198,9 @@ class PredictEngine(Callback):
                 "runner": type(runner).__name__,
                 "threads": _per_worker(threads, workers),
                 "workers": workers,
+                "feature_threads": ahead,
             }
-            for data in recording_datasets(trainer):
+            for data in datasets:
                 data.channels_last = False
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
