@@ -128,6 +128,18 @@ def ahead(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_thread_count(name: str, value: Any, auto: bool = False) -> None:
+    """Refuse a thread count that is not a whole number of at least 1 (``True`` included),
+    or with ``auto``, not that either."""
+    if auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "'auto' or a number" if auto else "a number"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
 def window_count(samples: int, clip_samples: int, hop_samples: int) -> int:
     """Number of whole windows of ``clip_samples`` every ``hop_samples`` in ``samples``."""
     return 0 if samples < clip_samples else 1 + (samples - clip_samples) // hop_samples
@@ -193,10 +205,7 @@ class RecordingWindows(IterableDataset):
             raise ValueError(
                 f"extra_channels must be 'error' or 'first_two', got {extra_channels!r}"
             )
-        if isinstance(feature_threads, bool) or not isinstance(feature_threads, int):
-            raise ValueError(f"feature_threads must be a number, got {feature_threads!r}")
-        if feature_threads < 1:
-            raise ValueError(f"feature_threads must be at least 1, got {feature_threads}")
+        check_thread_count("feature_threads", feature_threads)
         self.paths = find_recordings(recordings)
         self.front_end = front_end.eval()
         self.sample_rate = int(front_end.sample_rate)
@@ -329,7 +338,7 @@ class RecordingWindows(IterableDataset):
         )
         if final is None:
             final = (n_windows, torch.zeros(self.in_channels, 0), 0)
-        yield _Batch(path, meta, *final, last=True, n_windows=n_windows)
+        yield _Batch(path, dict(meta), *final, last=True, n_windows=n_windows)
 
     def _batches(
         self, blocks: Iterator[np.ndarray]
@@ -400,7 +409,7 @@ class RecordingWindows(IterableDataset):
             "index": index,
             "start_s": index.double() * self.hop_s,
             "last": last,
-            "info": dict(meta),
+            "info": meta,
             **({} if batch.n_windows is None else {"n_windows": batch.n_windows}),
         }
 
@@ -416,7 +425,7 @@ class RecordingWindows(IterableDataset):
 
 class _Batch(NamedTuple):
     """One batch of a recording before its features: what :meth:`RecordingWindows._item`
-    turns into an item (``meta`` as it stood when the batch was cut)."""
+    turns into an item (``meta``: a copy, as it stood when the batch was cut)."""
 
     path: Path
     meta: dict[str, Any]

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from data.recordings import RecordingWindows
+from data.recordings import RecordingWindows, check_thread_count
 from models.task import Task
 from util.cpu import available_cores
 from util.deploy.errors import ExportError
@@ -119,10 +119,7 @@ class PredictEngine(Callback):
         if runtime not in RUNTIMES:
             raise ValueError(f"predict_engine.runtime must be one of {RUNTIMES}, got {runtime!r}")
         for name, value in (("workers", workers), ("feature_threads", feature_threads)):
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"predict_engine.{name} must be 'auto' or a number, got {value!r}")
-            if value != "auto" and value < 1:
-                raise ValueError(f"predict_engine.{name} must be at least 1, got {value}")
+            check_thread_count(f"predict_engine.{name}", value, auto=True)
         self.runtime = runtime
         self.workers = workers
         self.feature_threads = feature_threads
