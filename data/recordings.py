@@ -76,16 +76,9 @@ def ahead(
     # Items in flight: depth handed over or ready, plus one per further thread at work.
     slots: queue.Queue = queue.Queue(maxsize=max(1, depth) + threads - 1)
     stop = threading.Event()
-    pool = (
-        None
-        if make is None
-        else ThreadPoolExecutor(
-            threads,
-            thread_name_prefix="earsleep-features",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
-        )
-    )
+    pool = None
+    if make is not None:  # one PyTorch intra-op thread each
+        pool = ThreadPoolExecutor(threads, "earsleep-features", torch.set_num_threads, (1,))
 
     def hand_over(entry: tuple[str, Any]) -> bool:
         while not stop.is_set():
@@ -129,8 +122,7 @@ def ahead(
 
 
 def check_thread_count(name: str, value: Any, auto: bool = False) -> None:
-    """Refuse a thread count that is not a whole number of at least 1 (``True`` included),
-    or with ``auto``, not that either."""
+    """Refuse a thread count that is not a number >= 1 (``True`` included; ``auto`` allows "auto")."""
     if auto and value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, int):
