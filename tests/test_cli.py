@@ -114,6 +114,25 @@ def test_help_documents_the_options(capsys):
     assert "SpecAugment" in out
 
 
+def test_a_subcommand_builds_its_own_parser_and_help_lists_every_one(fitted, capsys):
+    tmp_path, cli = fitted
+    assert set(cli._subcommand_parsers) == {"fit"}  # the other three are never built
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert f"    {subcommand} " in out
+    # the subcommand's own help and its errors are those of the full parser
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--help"])
+    assert exit_info.value.code == 0 and "--ckpt_path" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *tiny_args(tmp_path), "--trainer.no_such_option", "1"])
+    assert exit_info.value.code != 0
+    assert "no_such_option" in capsys.readouterr().err
+
+
 def test_unknown_class_path_is_a_clear_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(

@@ -953,6 +953,39 @@ def test_main_predict_writes_a_timeline_per_recording(tmp_path):
     assert not any(cli.trainer.predict_loop.predictions)
 
 
+@pytest.mark.filterwarnings(*LIGHTNING_NOISE)
+def test_main_predict_exits_1_when_no_recording_could_be_read(tmp_path, capsys):
+    from util.cli import cli
+
+    root = Path(__file__).resolve().parents[1]
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "a.wav").write_bytes(b"RIFF....WAVEjunk")
+    (audio / "b.wav").write_bytes(b"")
+    out = tmp_path / "predictions"
+    command = [
+        "predict",
+        "--config", str(root / "config" / "demo.yaml"),
+        "--ckpt_path", str(_checkpoint(tmp_path / "tiny.ckpt")),
+        "--data.predict_audio", str(audio),
+        "--night.output_dir", str(out),
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    assert cli(command) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: no recording could be read: ")
+    assert "a.wav" in line and "(and 1 more)" in line and str(out / "errors.json") in line
+    # what was learnt about each file is still written
+    errors = json.loads((out / "errors.json").read_text())
+    assert sorted(Path(e["recording"]).name for e in errors) == ["a.wav", "b.wav"]
+    # one readable recording among them: the run succeeds (the bad one is reported)
+    write_night(audio / "night.wav", hours=1 / 60, seed=2, scale=0.05)
+    assert cli(command) == 0
+    assert (out / "night" / "summary.json").exists()
+
+
 # -- slow: a trained model end to end ---------------------------------------------
 
 

@@ -28,7 +28,12 @@ from util.night.rederive import INDEX_COLUMNS, index_row, thresholds_source, wri
 from util.night.summary import console_line, model_identity
 from util.night.thresholds import load_calibration
 
-__all__ = ["NightWriter"]
+__all__ = ["NightWriter", "NoRecordingRead"]
+
+
+class NoRecordingRead(RuntimeError):
+    """Every recording of a prediction failed to read: nothing was written for any."""
+
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +154,7 @@ class NightWriter(BasePredictionWriter):
         self._reset()
 
     def _reset(self) -> None:
+        self._errors_file: Path | None = None
         self._open: dict[str, _Open] = {}
         self._rows: list[dict[str, Any]] = []
         self._errors: list[dict[str, Any]] = []
@@ -212,14 +218,25 @@ class NightWriter(BasePredictionWriter):
         for line in self._lines:  # after the progress bar, one line per recording
             rank_zero_info(line)
         failed = sum(1 for r in self._rows if r["status"] != "ok")
+        self._errors_file = self.output_dir / f"errors{suffix}.json"
         rank_zero_info(
             f"night: {len(self._rows)} recording(s) written to {self.output_dir}"
-            + (
-                f"; {failed} with problems, see {self.output_dir / f'errors{suffix}.json'}"
-                if failed
-                else ""
-            )
+            + (f"; {failed} with problems, see {self._errors_file}" if failed else "")
         )
+
+    def check_any_read(self) -> None:
+        """Raise :class:`NoRecordingRead` when the last prediction read none of its recordings.
+
+        Bad files never stop the others, but a run in which every recording failed
+        (unreadable, zero-length, too many channels) produced nothing, and a script
+        that runs ``main.py predict`` must not take that for success.
+        """
+        if self._rows and all(r["status"] == "error" for r in self._rows):
+            first = self._errors[0]["error"] if self._errors else "unreadable"
+            more = f" (and {len(self._rows) - 1} more)" if len(self._rows) > 1 else ""
+            raise NoRecordingRead(
+                f"no recording could be read: {first}{more}; see {self._errors_file}"
+            )
 
     # -- one recording --------------------------------------------------------------
 
