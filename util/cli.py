@@ -197,8 +197,8 @@ class EarSleepCLI(LightningCLI):
                 callback.threads_requested = self.threads.threads
         self.trainer.predict(**kwargs)
         for callback in self.trainer.callbacks:  # every recording unreadable: exit status 1
-            if isinstance(callback, NightWriter):
-                callback.check_any_read()
+            if isinstance(callback, NightWriter) and self.trainer.world_size == 1:
+                callback.check_any_read()  # (a rank of several knows only its own share)
 
     def before_instantiate_classes(self) -> None:
         """Log ``validate``/``test``/``predict`` of a run's checkpoint into that run.
