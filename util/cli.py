@@ -367,7 +367,8 @@ def _build(cli_class: type[EarSleepCLI], args: list[str] | None, run: bool) -> E
     given = sys.argv[1:] if args is None else args
     # `main.py predict ...` builds the predict parser only; `main.py --help` (or options
     # before the subcommand) builds every one
-    only = given[0] if run and given and given[0] in SUBCOMMANDS else None
+    listed = isinstance(given, (list, tuple)) and len(given) > 0
+    only = given[0] if run and listed and given[0] in SUBCOMMANDS else None
     return cli_class(
         Classifier,
         SleepSoundDataModule,
