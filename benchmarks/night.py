@@ -125,6 +125,7 @@ def untrained_checkpoint(path: Path, seed: int) -> Path:
 
 def run_one(args: argparse.Namespace) -> dict:
     """One timed ``main.py predict`` over ``args.audio`` in this process; returns the numbers."""
+    import psutil
     import soundfile as sf
     import torch
 
@@ -173,7 +174,9 @@ def run_one(args: argparse.Namespace) -> dict:
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
+    started = psutil.Process().create_time()  # the interpreter's start: imports included
     return {
+        "command_s": time.time() - started,
         "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime - cpu0,
         "hours": seconds / 3600.0,
         "windows": summary["n_windows"],
@@ -317,22 +320,26 @@ def main() -> None:
         f"median of {args.repeats} run(s)"
     )
     print(
-        "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature threads | wall (s) | "
+        "| night (h) | windows | busy procs | load avg | --threads | threads | model workers × threads + feature threads | wall (s) | with imports (s) | "
         "RTF (x real time) | CPU (s) | CPU stolen (%) | RSS before (MB) | of which GPU libraries (MB) | "
         "peak RSS (MB) | night's own (MB) | peak RSS workers (MB) |"
     )
-    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         walls = "/".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else ""
         print(
             f"| {r['hours']:.2f} | {r['windows']} | {r['load']} | {r['load_start']:.1f} | "
             f"{r['requested']} | {r['threads']} | {r['model_workers']} × {r['model_threads']} + {r['feature_threads']} | {r['wall_s']:.1f}{' (' + walls + ')' if walls else ''} | "
+            f"{r.get('command_s', float('nan')):.1f} | "
             f"{r['rtf']:.0f} | {r['cpu_s']:.1f} | {r.get('steal_pct', float('nan')):.0f} | "
             f"{r['rss_baseline_mb']:.0f} | "
             f"{r.get('rss_gpu_libraries_mb', float('nan')):.0f} | {r['rss_main_mb']:.0f} | {r['rss_main_mb'] - r['rss_baseline_mb']:.0f} | "
             f"{r['rss_workers_mb']:.0f} |"
         )
     print(
+        "wall: main.main(...) alone; with imports: from the measured process's start to the "
+        "end of the command, interpreter, imports and the benchmark's own set-up included "
+        "(about what `python main.py predict` takes). "
         "busy procs: spinning processes the benchmark ran beside the night; load avg: the "
         "1-minute load average as the night ended (other jobs included). threads: what "
         "--threads chose (util.cpu.choose_threads); model workers × threads + feature threads: "
