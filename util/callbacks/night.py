@@ -232,10 +232,11 @@ class NightWriter(BasePredictionWriter):
         that runs ``main.py predict`` must not take that for success.
         """
         if self._rows and all(r["status"] == "error" for r in self._rows):
-            first = self._errors[0]["error"] if self._errors else "unreadable"
+            # every failed recording has its reason in errors.json (see _finish)
             more = f" (and {len(self._rows) - 1} more)" if len(self._rows) > 1 else ""
             raise NoRecordingRead(
-                f"no recording could be read: {first}{more}; see {self._errors_file}"
+                f"no recording could be read: {self._errors[0]['error']}{more}; "
+                f"see {self._errors_file}"
             )
 
     # -- one recording --------------------------------------------------------------
