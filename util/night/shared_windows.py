@@ -15,10 +15,13 @@ Where a pooling stride does not divide the hop (0.5 s is 50 frames: 25 after the
 pool, odd, so the second pool pairs columns differently in odd and even windows), the
 layer's conv still runs on the stream, is pooled in both phases, and the windows are cut
 out there; the remaining layers run per window. A hop that is a multiple of 8 frames
-(0.48 s) can share all three layers. A layer is shared only where that pays
-(:data:`SHARE_IF`): the recomputed edges stay 2-3 columns wide while the windows halve, so
-at the default 0.5 s the saving is small and every layer runs per window; dense hops
-(0.1 s) share. See :func:`plan_layers`.
+(0.48 s) can share all three layers. The runner shares the layers of the plan it
+estimates fastest (:func:`plan_layers`, :func:`plan_cost`): the recomputed edges stay 2-3
+columns wide while the windows halve, and building the stream and the slabs costs numpy
+work, so at the default 0.5 s sharing would save 3 % and every layer runs per window; at
+0.48 s on one thread all three layers are shared (12 % less time), at 0.16 s 47 % less.
+The shared convs run on one thread, the per-window pieces on ``workers`` side by side,
+so with several workers sharing must save more to win.
 
 Only a plain TinyCNN qualifies (:func:`util.night.tinycnn_graphs.supports_tinycnn`):
 TinyCNN-CBAM's attention and CRNN's recurrent head look at a whole window at once, so
@@ -28,6 +31,7 @@ they keep the per-window path (:class:`util.deploy.runtime.OnnxRuntimeRunner`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,9 +40,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from models.task import Task
 from util.deploy.errors import ParityError
-from util.night.tinycnn_graphs import session, stack_graph, supports_tinycnn, tinycnn_layers
+from util.night.tinycnn_graphs import (
+    ConvLayer,
+    session,
+    stack_graph,
+    supports_tinycnn,
+    tinycnn_layers,
+)
 
-__all__ = ["LayerStep", "SharedWindowRunner", "plan_layers"]
+__all__ = ["LayerStep", "SharedWindowRunner", "layer_weights", "plan_cost", "plan_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,28 +84,47 @@ class LayerStep:
 
 
 def plan_layers(
-    width: int, hop: int, left: int, right: int, layers: int, depth: int | None = None
+    width: int,
+    hop: int,
+    left: int,
+    right: int,
+    weights: Sequence[float],
+    depth: int | None = None,
+    workers: int = 1,
 ) -> list[LayerStep]:
-    """The steps for ``layers`` TinyCNN layers over windows ``width`` columns wide.
+    """The steps for TinyCNN layers over windows ``width`` columns wide.
 
-    A layer is shared while that pays (:data:`SHARE_IF`, or for the first ``depth``
-    layers when given) and its slabs fit inside the window; the first layer that is not
-    is ``windows`` (cut out before it), the first with an odd hop ``phases``; with every
-    layer shared, windows are cut from the final maps.
+    ``weights``: each layer's share of the per-window time (:func:`layer_weights`), one
+    per layer. With ``depth``, the first ``depth`` layers are shared where their slabs fit
+    inside the window; otherwise the plan of least :func:`plan_cost` (for ``workers``
+    per-window threads) among sharing one layer, two, …, all of them, and per window
+    unless that saves at least :data:`MIN_SAVING`. Sharing ends at the first layer whose slabs do not fit (it and
+    the rest run per window: ``windows``) or whose hop is odd (``phases``: the rest run
+    per window after it); with every layer shared, windows are cut from the final maps.
     """
+    n = len(weights)
+    if depth is not None:
+        return _steps(width, hop, left, right, n, depth)
+    best, best_cost = _steps(width, hop, left, right, n, 0), 1.0 - MIN_SAVING
+    for d in range(1, n + 1):
+        steps = _steps(width, hop, left, right, n, d)
+        cost = plan_cost(steps, weights, workers)
+        if cost < best_cost:
+            best, best_cost = steps, cost
+    return best
+
+
+def _steps(width: int, hop: int, left: int, right: int, layers: int, depth: int) -> list[LayerStep]:
     steps = []
     for i in range(layers):
         probe = LayerStep("stream", width, hop, left, right)
-        slab_columns = 2 * probe.out_left + 1 + width - 2 * probe.right_start + 2
         fits = (
             2 * probe.out_left + 1 <= width - right  # left slab: stream columns inside
-            and 2 * probe.right_start - 2 >= left  # right slab too
+            and 2 * probe.right_start - 1 >= left  # right slab too
             and probe.out_left + probe.out_right < width // 2
             and hop < width
         )
-        cost = (hop * (PHASES_COST if hop % 2 else 1.0) + slab_columns) / width
-        pays = cost <= SHARE_IF if depth is None else i < depth
-        if not (fits and pays):
+        if not (fits and i < depth):
             steps.append(dataclasses.replace(probe, mode="windows"))
             return steps
         if hop % 2:
@@ -106,16 +135,62 @@ def plan_layers(
     return steps
 
 
-#: Share a layer when its stream and slab columns per window, over the window's columns,
-#: are at most this. Measured (``benchmarks/night.py --hop_s``, 1 thread, batch 64):
-#: at a 0.5-s or 0.48-s hop the first layer scores 0.59/0.57, and sharing it (or two
-#: layers at 0.48 s) ran no faster than per window, because the numpy work of building
-#: the stream and the slabs eats the half of the first conv it saves; at 0.1 s (0.2
-#: and 0.43) sharing two layers took 25 % less time than per window.
-SHARE_IF = 0.5
-#: Relative cost per column of a conv pooled in both phases (unfused pool and a shifted
-#: copy; at a 0.25-s hop, sharing the first layer that way was 10 % slower).
-PHASES_COST = 2.5
+def plan_cost(steps: Sequence[LayerStep], weights: Sequence[float], workers: int = 1) -> float:
+    """Estimated time of a plan, as a fraction of running every layer per window.
+
+    A shared layer costs its weight times its stream columns per window (``hop``, times
+    :data:`PHASES_COST` when pooled in both phases) and the conv columns of its two edge
+    slabs, over the window's columns; a layer per window costs its weight; building the
+    stream, the slabs and the cut windows costs :data:`GLUE` (``(base, per shared
+    layer)``). Fitted to ``benchmarks/shared_windows.py`` on the stock TinyCNN (within
+    0.04 of every measured plan, 0.1-0.5-s hops). With ``workers`` > 1 it is wall time:
+    the per-window layers run on that many threads side by side, the shared ones on one
+    (a 1-h night at 0.48 s on two workers and two idle cores: 8.8 s per window, 10.0 s
+    with all three layers shared, on 5 % less CPU time).
+    """
+    shared_cost, windows_cost, shared = 0.0, 0.0, 0
+    for i, step in enumerate(steps):
+        if step.mode == "windows":
+            windows_cost = sum(weights[i:])
+            break
+        edges = 2 * step.out_left + step.width - 2 * step.right_start
+        columns = step.hop * (PHASES_COST if step.mode == "phases" else 1.0) + edges
+        shared_cost += weights[i] * columns / step.width
+        shared += 1
+        if step.mode == "phases":
+            windows_cost = sum(weights[i + 1 :])
+            break
+    if not shared:
+        return 1.0
+    shared_cost += GLUE[0] + GLUE[1] * shared
+    return shared_cost * max(1, int(workers)) + windows_cost
+
+
+def layer_weights(layers: Sequence[ConvLayer], input_shape: Sequence[int]) -> list[float]:
+    """Each TinyCNN layer's share of the per-window time: its multiply-adds, each
+    costing ``1 + 1/C_in`` (a conv with few input channels runs further from the core's
+    peak: the first layer, 2 channels in, took 17 % of the stock TinyCNN's time for 11 %
+    of its multiply-adds)."""
+    _, freq, time = input_shape
+    costs = []
+    for layer in layers:
+        c_out, c_in = layer.weight.shape[:2]
+        costs.append(c_out * c_in * freq * time * (1.0 + 1.0 / c_in))
+        freq, time = freq // 2, time // 2
+    return [c / sum(costs) for c in costs]
+
+
+#: Run per window unless the cheapest shared plan is estimated at least this much faster
+#: (the estimate is within a few percent of what is measured; at the default 0.5-s hop
+#: sharing two layers was 0.97-0.99 of the per-window time, not worth its numpy work).
+MIN_SAVING = 0.05
+#: Relative cost per stream column of a conv pooled in both phases (two pools).
+PHASES_COST = 1.15
+#: Numpy work of a shared plan, as a fraction of the per-window time: a base (the stream
+#: assembled and checked, windows cut out) and a part per shared layer (its slabs).
+GLUE = (0.085, 0.045)
+
+
 #: Windows per ONNX Runtime run of the per-window graphs (a batch is run in pieces this
 #: size). ONNX Runtime's CPU arena keeps the largest activations it has served, so its
 #: memory follows the piece, not the batch: 8 windows held 4 MB where 64 held 52 MB, and
@@ -177,6 +252,8 @@ class SharedWindowRunner:
         self.depth = depth
         self.input_shape = tuple(int(d) for d in model.input_shape)
         self.layers, head_w, head_b = tinycnn_layers(model)
+        #: Each layer's share of the per-window time (:func:`layer_weights`).
+        self.weights = layer_weights(self.layers, self.input_shape)
         std = None
         if model.normalize:
             std = tuple(t.detach().float().cpu().numpy() for t in (model.band_mean, model.band_std))
@@ -185,6 +262,9 @@ class SharedWindowRunner:
         for i in range(n):
             first = std if i == 0 else None
             graphs[("pool", i)] = stack_graph(self.layers[i : i + 1], [True], standardize=first)
+            graphs[("edge", i)] = stack_graph(
+                self.layers[i : i + 1], [True], standardize=first, pad_time=False
+            )
             graphs[("phases", i)] = stack_graph(
                 self.layers[i : i + 1], [False], standardize=first, phases=True
             )
@@ -193,6 +273,11 @@ class SharedWindowRunner:
                 self.layers[j:], [True] * (n - j), (head_w, head_b), std if j == 0 else None
             )
         self._graphs = graphs
+        #: Per layer, the column that stands for the conv's zero padding in an edge slab:
+        #: zero, or before the first layer's standardisation the band means (zero after).
+        self._pads = [np.zeros(1, np.float32)] * n
+        if std is not None:
+            self._pads[0] = np.ascontiguousarray(std[0].reshape(std[0].shape[:2]), np.float32)
         self._threads = int(threads)
         if int(workers) < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -236,7 +321,7 @@ class SharedWindowRunner:
         frames at their ends (:func:`plan_layers`)."""
         if self.hop is None:
             return []
-        return plan_layers(width, self.hop, left, right, len(self.layers), self.depth)
+        return plan_layers(width, self.hop, left, right, self.weights, self.depth, self.workers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         windows = x.detach().to("cpu", torch.float32).numpy()
@@ -318,24 +403,27 @@ class SharedWindowRunner:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``i``'s pooled output at the windows' ends, from narrow slabs.
 
-        Left: the window's columns ``[0, 2·out_left + 1)`` (its own, then the stream's),
-        conv-pooled with the window's zero padding. Right: columns from the even column
-        ``2·right_start - 2`` to the end, whose first pooled column is dropped (its conv
-        lacks a left neighbour).
+        The slabs run a conv that pads frequency only (``("edge", i)``), so each gives
+        just the conv columns it holds both neighbours of; the window's zero padding is
+        an explicit column. Left: that column, then the window's columns
+        ``[0, 2·out_left + 1)`` (its own, then the stream's): conv columns
+        ``[0, 2·out_left)``. Right: the window's columns from ``2·right_start - 1`` to its
+        end, then the padding column: conv columns from ``2·right_start`` to the end.
         """
         width, left, right = step.width, step.left, step.right
+        pad = self._pads[i][..., None]
         lwidth = 2 * step.out_left + 1
-        rfrom = 2 * step.right_start - 2
+        rfrom = 2 * step.right_start - 1
         hop, inner = step.hop, width - right - rfrom
-        lslab = np.empty((count, *stream.shape[:2], lwidth), np.float32)
-        lslab[..., :left] = lpatch
-        lslab[..., left:] = _columns(stream, left, hop, count, lwidth - left)
-        rslab = np.empty((count, *stream.shape[:2], width - rfrom), np.float32)
+        lslab = np.empty((count, *stream.shape[:2], lwidth + 1), np.float32)
+        lslab[..., :1] = pad
+        lslab[..., 1 : 1 + left] = lpatch
+        lslab[..., 1 + left :] = _columns(stream, left, hop, count, lwidth - left)
+        rslab = np.empty((count, *stream.shape[:2], width - rfrom + 1), np.float32)
         rslab[..., :inner] = _columns(stream, rfrom, hop, count, inner)
-        rslab[..., inner:] = rpatch
-        lnext = self._run(("pool", i), lslab)[0][..., : step.out_left]
-        rnext = self._run(("pool", i), rslab)[0][..., 1 : 1 + step.out_right]
-        return lnext, rnext
+        rslab[..., inner:-1] = rpatch
+        rslab[..., -1:] = pad
+        return self._run(("edge", i), lslab)[0], self._run(("edge", i), rslab)[0]
 
     def _check(self, model: Task, tolerance: float) -> dict[str, float]:
         """Compare shared and per-window logits with PyTorch's on random windows."""
@@ -393,14 +481,15 @@ def _cut(
 
     Window ``k`` starts at column ``k·hop`` of ``streams[0]``; or, given the two pooled
     phases of a stream with an odd ``hop``, even windows start at ``(k/2)·hop`` of the
-    first and odd ones at ``((k-1)/2)·hop + hop // 2`` of the second.
+    first and odd ones at ``((k-1)/2)·hop + hop // 2 + 1`` of the second (whose first
+    column pools the padding with column 0, :func:`~util.night.tinycnn_graphs.stack_graph`).
     """
     if len(streams) == 1:
         out = np.ascontiguousarray(_columns(streams[0], 0, hop, count, width))
     else:
         out = np.empty((count, *streams[0].shape[:2], width), np.float32)
         out[0::2] = _columns(streams[0], 0, hop, (count + 1) // 2, width)
-        out[1::2] = _columns(streams[1], hop // 2, hop, count // 2, width)
+        out[1::2] = _columns(streams[1], hop // 2 + 1, hop, count // 2, width)
     out[..., : lpatch.shape[-1]] = lpatch
     out[..., width - rpatch.shape[-1] :] = rpatch
     return out
