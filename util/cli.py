@@ -41,6 +41,7 @@ from util.callbacks import (
 from util.checkpoint import SPECIAL_CKPT_PATHS, CheckpointError, force_weights_only, read_checkpoint
 from util.cpu import choose_threads
 from util.errors import condense, debug_requested, report_error
+from util.memory import page_out_gpu_libraries
 from util.outputs import prepare_outputs
 from util.redact import mask_tree
 
@@ -329,8 +330,11 @@ def main(args: list[str] | None = None, run: bool = True) -> EarSleepCLI:
     """Build and run the CLI; tests call ``main(["fit", "--config", ...])`` in-process.
 
     Errors propagate as exceptions (argument errors as ``SystemExit``); :func:`cli`
-    turns them into one line.
+    turns them into one line. On a CPU, the GPU libraries' pages that the imports brought
+    in are handed back first (:func:`util.memory.page_out_gpu_libraries`).
     """
+    if run:
+        page_out_gpu_libraries()
     return _build(EarSleepCLI, args, run)
 
 
