@@ -310,14 +310,14 @@ def read_blocks(
     read = 0  # frames read at the file's rate
     with f:
         while True:
+            buffer = np.empty((frames, info.channels), np.int16 if pcm16 else np.float32)
+            failed = None
             try:
-                data = f.read(frames, dtype="int16" if pcm16 else "float32", always_2d=True)
+                data = f.read(frames, always_2d=True, out=buffer)
             except Exception as err:  # a FLAC that loses sync, a file cut under us...
-                state.error = (
-                    f"{path}: read error after {read / info.sample_rate:.1f} s ({first_line(err)})"
-                )
-                break
-            if len(data) == 0:
+                failed = err
+                data = buffer[: _frames_decoded(f, read, frames)]
+            if failed is None and len(data) == 0:
                 if read < info.frames:  # the data stopped before the header's count
                     state.error = (
                         f"{path}: the audio ends after {read / info.sample_rate:.1f} s of the "
@@ -340,6 +340,9 @@ def read_blocks(
             if block.shape[1]:
                 state.samples += block.shape[1]
                 yield block
+            if failed is not None:
+                state.error = f"{path}: read error after {read / info.sample_rate:.1f} s ({first_line(failed)})"
+                break
         if resampler is not None:
             tail = resampler.flush()
             if tail.shape[1]:
@@ -348,6 +351,19 @@ def read_blocks(
     if state.nonfinite_samples:
         msg = f"{state.nonfinite_samples} non-finite samples set to zero"
         _repair(state, msg, path)
+
+
+def _frames_decoded(f: sf.SoundFile, before: int, most: int) -> int:
+    """Frames that a read which raised had already decoded into its buffer.
+
+    libsndfile decodes up to the damage (a FLAC that loses sync) before it reports the
+    error, and its position has moved on by what it delivered; soundfile raises without
+    returning them, so they are counted from the position.
+    """
+    try:
+        return min(max(0, f.tell() - before), most)
+    except Exception:  # no position to tell: keep nothing of the failed read
+        return 0
 
 
 def _repair(state: StreamState, message: str, path: Path) -> None:

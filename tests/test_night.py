@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from data.audio import resample
 from data.features import LogMelFrontEnd
 from data.recordings import RecordingWindows, ahead
-from data.streaming import BlockResampler, find_recordings, probe, read_blocks
+from data.streaming import BlockResampler, StreamState, find_recordings, probe, read_blocks
 from models.classifier import Classifier
 from tests.helpers import build_like_cli, load_windows_whole, save_checkpoint
 from util.callbacks.night import NightWriter
@@ -662,6 +662,23 @@ def test_bad_recordings_are_reported_and_the_others_processed(tmp_path, front_en
     for name, item in last.items():
         assert name in (item["info"]["error"] or name)  # every message names its file
     assert probe(tmp_path / "good.wav").declared_frames is None
+
+
+@pytest.mark.parametrize("block_s", [30.0, 1.0])
+def test_a_cut_flac_keeps_every_sample_decoded_before_the_damage(tmp_path, block_s):
+    wave = _noise(8.0, seed=5)
+    raw = _write(tmp_path / "full.flac", wave, subtype="PCM_16").read_bytes()
+    intact, _ = sf.read(str(tmp_path / "full.flac"), dtype="float32", always_2d=True)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(raw[: len(raw) // 2])  # noise hardly compresses: about 4 s are left
+    state = StreamState()
+    got = np.concatenate(list(read_blocks(probe(cut), SR, block_s=block_s, state=state)), axis=1)
+    assert "read error after" in state.error and "cut.flac" in state.error
+    # the whole 8-s file is one 30-s block: the samples before the damage in that block
+    # are kept, not dropped with it, and they are the file's own
+    assert got.shape[1] >= 3 * SR, got.shape
+    np.testing.assert_array_equal(got, intact[: got.shape[1]].T)
+    assert state.samples == got.shape[1]
 
 
 def test_more_than_two_channels_can_keep_the_first_two(tmp_path, front_end):
