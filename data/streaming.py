@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            files = _files_below(path)
             found += [p for p in files if is_audio_name(p.name)]
             other = [p.relative_to(path).as_posix() for p in files if not is_audio_name(p.name)]
             if other:
@@ -98,7 +99,7 @@ def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
                 )
         else:
             found += sorted(
-                Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file()
+                Path(p) for p in glob.glob(str(item), recursive=True) if _file_or_dead_link(Path(p))
             )
     unique = list(dict.fromkeys(found))
     if not unique:
@@ -107,6 +108,31 @@ def find_recordings(spec: str | Path | Sequence[str | Path]) -> list[Path]:
             "(.wav, .flac, .ogg, .opus, .mp3, .aiff... any format soundfile reads), or a glob"
         )
     return unique
+
+
+def _file_or_dead_link(path: Path) -> bool:
+    """A file, or a link whose target is gone (kept, so the reader reports it)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted, at any depth and through linked folders.
+
+    Each real folder is walked once, so two links to one folder do not read its
+    recordings twice and a link back up does not loop. Links whose target is gone are
+    kept: the reader reports them instead of their silently going missing.
+    """
+    seen: set[str] = set()
+    found: list[Path] = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # of two links to one folder, the first in name order is walked
+        found += [p for p in (Path(top, n) for n in names) if _file_or_dead_link(p)]
+    return sorted(found)
 
 
 @dataclass
@@ -146,6 +172,10 @@ def probe(path: str | Path) -> RecordingInfo:
         RecordingError: the file cannot be opened as audio or holds no frames.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise RecordingError(
+            f"{path}: unreadable (a link to {os.readlink(path)}, which does not exist)"
+        )
     try:
         with sf.SoundFile(str(path)) as f:
             info = RecordingInfo(

@@ -448,6 +448,27 @@ def test_find_recordings_takes_a_file_a_folder_or_a_glob(tmp_path):
         find_recordings(tmp_path / "nothing*.wav")
 
 
+def test_a_folder_is_read_through_its_links_and_a_dead_link_is_reported(tmp_path, front_end):
+    elsewhere = tmp_path / "disk" / "2026-12-01"
+    elsewhere.mkdir(parents=True)
+    night = _write(elsewhere / "night.wav", _noise(3.0), subtype="PCM_16")
+    nights = tmp_path / "nights"
+    nights.mkdir()
+    (nights / "2026-12-01").symlink_to(elsewhere)  # a night kept on another disk
+    (nights / "again").symlink_to(elsewhere)  # the same folder twice: read once
+    (elsewhere / "up").symlink_to(nights)  # a link back up: no loop
+    (nights / "gone.wav").symlink_to(tmp_path / "unmounted" / "night.wav")
+    found = find_recordings(nights)
+    assert found == [nights / "2026-12-01" / "night.wav", nights / "gone.wav"]
+    items = list(RecordingWindows(nights, front_end, batch_size=8))
+    last = {Path(it["recording"]).name: it["info"] for it in items if it["last"]}
+    assert last["night.wav"]["status"] == "ok"
+    assert last["gone.wav"]["status"] == "error"
+    assert "does not exist" in last["gone.wav"]["error"]
+    assert "unmounted" in last["gone.wav"]["error"]
+    assert night.exists()
+
+
 def test_workers_split_recordings_never_a_recording(tmp_path, front_end):
     for i in range(3):
         _write(tmp_path / f"r{i}.wav", _noise(4.0 + i, seed=i))
