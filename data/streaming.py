@@ -263,7 +263,8 @@ class StreamState:
 
     Attributes:
         samples: samples delivered at the target rate.
-        nonfinite_samples: NaN/inf samples set to zero (all channels counted).
+        nonfinite_samples: NaN/inf samples, and samples beyond :data:`MAX_ABS_SAMPLE`,
+            set to zero (all channels counted).
         repairs: human-readable repairs applied (resampled, mono duplicated...).
         error: the read error that ended the stream early, if any.
     """
@@ -276,6 +277,10 @@ class StreamState:
 
 #: soundfile subtypes whose samples are integers (never NaN or infinite when decoded).
 _INTEGER_SUBTYPES = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW")
+#: Float samples beyond this magnitude are damage, not sound: audio lies within ±1, or
+#: ±32768 where an integer scale was kept. Their power spectrum overflows float32 and
+#: the model's probabilities turn NaN (1e25 did), so they are zeroed like NaN and inf.
+MAX_ABS_SAMPLE = 1e12
 #: 16-bit PCM (WAV, FLAC...) is read as its integers and scaled by 2^-15 here: the same
 #: floats as soundfile's float32 read, bit for bit (the scale is a power of two), in 40 %
 #: of the time (an 8-h two-channel night: 1.1 s instead of 2.9 s on a Zen 3 core).
@@ -361,7 +366,7 @@ def read_blocks(
             else:
                 block = np.ascontiguousarray(data[:, :take].T)
             if may_be_nonfinite:
-                bad = ~np.isfinite(block)
+                bad = ~(np.abs(block) <= MAX_ABS_SAMPLE)  # NaN compares false: bad too
                 if bad.any():
                     state.nonfinite_samples += int(bad.sum())
                     block[bad] = 0.0
@@ -379,7 +384,10 @@ def read_blocks(
                 state.samples += tail.shape[1]
                 yield tail
     if state.nonfinite_samples:
-        msg = f"{state.nonfinite_samples} non-finite samples set to zero"
+        msg = (
+            f"{state.nonfinite_samples} non-finite samples (NaN, inf, or beyond "
+            f"±{MAX_ABS_SAMPLE:.0e}) set to zero"
+        )
         _repair(state, msg, path)
 
 

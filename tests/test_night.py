@@ -721,6 +721,19 @@ def test_nonfinite_samples_are_zeroed_and_counted(tmp_path, front_end):
     assert torch.isfinite(items[-1]["x"]).all()
 
 
+def test_absurd_float_samples_are_zeroed_and_counted_and_loud_ones_kept(tmp_path, front_end):
+    wave = _noise(3.0)
+    wave[:, 16000:16040] = 1e25  # finite, but its power spectrum overflows float32
+    with repair_logged("non-finite"):
+        items = list(RecordingWindows(_write(tmp_path / "damaged.wav", wave), front_end))
+    assert items[-1]["info"]["nonfinite_samples"] == 80
+    assert all(torch.isfinite(it["x"]).all() for it in items)
+    # a float file that kept the integer scale (±32768) is loud, not damaged: untouched
+    loud = list(RecordingWindows(_write(tmp_path / "loud.wav", _noise(3.0) * 32768), front_end))
+    assert loud[-1]["info"].get("nonfinite_samples", 0) == 0
+    assert all(torch.isfinite(it["x"]).all() for it in loud)
+
+
 # -- the writer in a real Trainer.predict ---------------------------------------------
 
 

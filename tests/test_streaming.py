@@ -93,3 +93,16 @@ def test_bad_chunks_are_refused_in_one_line(model):
         predictor.push(np.zeros((3, 100), np.float32))
     with pytest.raises(ValueError, match="channels must be 1 or 2"):
         StreamingPredictor(model, channels=4)
+
+
+def test_damaged_samples_are_zeroed_as_the_offline_path_zeroes_them(tmp_path, model):
+    audio = _night(tmp_path / "night.wav", 4.0)
+    audio[:, 12000:12100] = np.nan
+    audio[:, 20000:20100] = 1e25  # finite, but far beyond any sound
+    sf.write(tmp_path / "damaged.wav", audio.T, SR, subtype="FLOAT")
+    index, expected = _offline(model, tmp_path / "damaged.wav", 0.5)
+    results = _stream(StreamingPredictor(model, hop_s=0.5, runtime="torch"), audio, [512])
+    got = np.stack([r.probabilities for r in results])
+    assert np.isfinite(got).all()
+    assert [r.index for r in results] == list(index)
+    assert np.abs(got - expected).max() < 1e-5

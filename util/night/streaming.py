@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.streaming import BlockResampler
+from data.streaming import MAX_ABS_SAMPLE, BlockResampler
 from models.task import Task
 from util.deploy.audio_in import front_end_from_config
 from util.night.shared_windows import SharedWindowRunner
@@ -127,7 +127,8 @@ class StreamingPredictor:
     def push(self, chunk: np.ndarray) -> list[WindowResult]:
         """Feed ``chunk`` ``(channels, n)`` (or ``(n,)`` for one channel) float samples.
 
-        Non-finite samples become zero, as in the offline path. Returns the windows
+        Non-finite samples, and those beyond :data:`data.streaming.MAX_ABS_SAMPLE`,
+        become zero, as in the offline path. Returns the windows
         completed by this chunk, in order (often none).
         """
         t0 = time.perf_counter()
@@ -138,9 +139,9 @@ class StreamingPredictor:
             raise ValueError(
                 f"expected a chunk of shape ({self.channels}, n), got {tuple(np.shape(chunk))}"
             )
-        finite = np.isfinite(block)
-        if not finite.all():
-            block = np.where(finite, block, np.float32(0.0))
+        usable = np.abs(block) <= MAX_ABS_SAMPLE  # NaN compares false
+        if not usable.all():
+            block = np.where(usable, block, np.float32(0.0))
         if self._resampler is not None:
             block = self._resampler.push(np.ascontiguousarray(block))
         return self._take(block, t0)
