@@ -337,7 +337,16 @@ def test_stacked_probabilities_fill_the_plot(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("orig", "new"), [(44100, 16000), (22050, 16000), (8000, 16000), (48000, 16000), (11025, 16000)]
+    ("orig", "new"),
+    [
+        (44100, 16000),
+        (22050, 16000),
+        (8000, 16000),
+        (48000, 16000),
+        (11025, 16000),
+        (96000, 16000),
+        (32000, 16000),
+    ],
 )
 def test_block_resampling_equals_resampling_the_whole_signal(orig, new):
     rng = np.random.default_rng(1)
@@ -353,6 +362,18 @@ def test_block_resampling_equals_resampling_the_whole_signal(orig, new):
     want = resample(x, orig, new)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("orig", [48000, 96000, 32000, 8000, 24000])
+def test_the_phase_blocks_are_torchaudios_resampling_for_any_length(orig):
+    r = BlockResampler(orig, 16000)
+    assert r._phases is not None  # these rates take the matrix products, not torchaudio's conv
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 3, 7, 100, 3 * orig + 7):
+        x = rng.standard_normal((2, n)).astype(np.float32)
+        got, want = r._resample(x), resample(x, orig, 16000)
+        assert got.shape == want.shape, n
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["stereo_16k", "stereo_44k1", "mono_16k"])
