@@ -83,29 +83,6 @@ def _steal_pct(before: dict[str, int] | None, after: dict[str, int] | None) -> f
     return 100.0 * (after["steal"] - before["steal"]) / max(1, total)
 
 
-def _gpu_library_rss_mb() -> float:
-    """Resident MB of the GPU libraries torch's wheel loads even on a CPU (Linux smaps).
-
-    The CUDA libraries (``nvidia/*``, ``libtorch_cuda``) and Triton's, each file's pages
-    plus the zero-initialised data mapped right after it; ``nan`` where unreadable.
-    """
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return float("nan")
-    total, owner, current = 0, None, False
-    for line in lines:
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
-            name = fields[5] if len(fields) > 5 else None
-            if name is not None:
-                owner = any(k in name for k in ("/nvidia/", "libtorch_cuda", "/triton/"))
-            current = bool(owner) and (name is None or not name.startswith("["))
-        elif fields[0] == "Rss:" and current:
-            total += int(fields[1])
-    return total / 1024.0
-
-
 def untrained_checkpoint(path: Path, seed: int) -> Path:
     """A TinyCNN checkpoint as ``main.py fit --config config/demo.yaml`` writes it, untrained.
 
@@ -137,6 +114,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from main import main as cli
     from util.callbacks import PredictEngine
     from util.cpu import choose_threads, cpu_ticks
+    from util.memory import gpu_library_resident_mb
 
     choice = choose_threads(args.threads)  # what the CLI's --threads will choose
     out = Path(args.output_dir)
@@ -161,7 +139,7 @@ def run_one(args: argparse.Namespace) -> dict:
     ]  # fmt: skip
     seconds = sf.info(args.audio).duration
     baseline = _rss_now_mb()  # torch, Lightning and the project imported; no model, no audio
-    gpu_libraries = _gpu_library_rss_mb()
+    gpu_libraries = gpu_library_resident_mb()
     t0 = time.perf_counter()
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),

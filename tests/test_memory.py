@@ -56,26 +56,15 @@ def test_nothing_is_paged_out_where_a_gpu_can_run_the_libraries(
 #: alone while another process maps it, so the test's process lets go of its own first.
 PAGE_OUT = """
 import json, torch
-from pathlib import Path
-from util.memory import GPU_LIBRARY_PARTS, page_out_gpu_libraries
-
-def gpu_library_kb():
-    total, counted = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            counted = len(fields) > 5 and any(p in fields[5] for p in GPU_LIBRARY_PARTS)
-        elif fields[0] == "Rss:" and counted:
-            total += int(fields[1])
-    return total
+from util.memory import gpu_library_resident_mb, page_out_gpu_libraries
 
 torch.manual_seed(0)
 x = torch.randn(4, 2, 64, 101)
 conv = torch.nn.Conv2d(2, 16, 3, padding=1)
 expected = conv(x)
-before = gpu_library_kb()
+before = gpu_library_resident_mb()
 released = page_out_gpu_libraries()
-after = gpu_library_kb()
+after = gpu_library_resident_mb()
 print(json.dumps({"before": before, "after": after, "released": released,
                   "same": bool(torch.equal(conv(x), expected))}))
 """

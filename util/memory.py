@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GPU_LIBRARY_PARTS", "gpu_library_mappings", "page_out_gpu_libraries"]
+__all__ = [
+    "GPU_LIBRARY_PARTS",
+    "gpu_library_mappings",
+    "gpu_library_resident_mb",
+    "page_out_gpu_libraries",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,29 @@ def gpu_library_mappings(maps: Iterable[str]) -> list[tuple[int, int, str]]:
             start, end = (int(x, 16) for x in fields[0].split("-"))
             found.append((start, end, path))
     return found
+
+
+def gpu_library_resident_mb() -> float:
+    """Resident MB of this process's GPU libraries (Linux smaps); ``nan`` where unreadable.
+
+    Each library's file pages plus the zero-initialised data mapped right after it
+    (which stays: it has no file to be read back from).
+    """
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    total, owner, current = 0, False, False
+    for line in lines:
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+            name = fields[5] if len(fields) > 5 else None
+            if name is not None:
+                owner = any(part in name for part in GPU_LIBRARY_PARTS)
+            current = owner and (name is None or not name.startswith("["))
+        elif fields[0] == "Rss:" and current:
+            total += int(fields[1])
+    return total / 1024.0
 
 
 def _resident_bytes() -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.streaming import MAX_ABS_SAMPLE, BlockResampler
+from data.streaming import BlockResampler, unusable_samples
 from models.task import Task
 from util.deploy.audio_in import front_end_from_config
 from util.night.shared_windows import SharedWindowRunner
@@ -139,9 +139,9 @@ class StreamingPredictor:
             raise ValueError(
                 f"expected a chunk of shape ({self.channels}, n), got {tuple(np.shape(chunk))}"
             )
-        usable = np.abs(block) <= MAX_ABS_SAMPLE  # NaN compares false
-        if not usable.all():
-            block = np.where(usable, block, np.float32(0.0))
+        bad = unusable_samples(block)
+        if bad.any():
+            block = np.where(bad, np.float32(0.0), block)
         if self._resampler is not None:
             block = self._resampler.push(np.ascontiguousarray(block))
         return self._take(block, t0)
